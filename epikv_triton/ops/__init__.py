@@ -1,0 +1,158 @@
+"""The epikv_triton kernel set: plain tensors in and out, no transformers.
+
+Four ops, each with a Triton kernel and a PyTorch twin in :mod:`.naive`:
+
+* :func:`slot_attention` — fused attention of new tokens over a slot cache,
+  emitting the per-new-key delta norms ``‖k_t − k_{t−1}‖``, ``‖v_t − v_{t−1}‖``.
+* :func:`rolling_zscore` — the causal rolling z-score of many bands, combined
+  into one score per token, state updated in place.
+* :func:`select_slots` / :func:`compact_slots_` (or both at once,
+  :func:`evict_`) — budgeted selection and in-place compaction of every
+  layer's K and V plus the slot metadata.
+
+Backend: Triton when the tensors are on a GPU or ``TRITON_INTERPRET=1``,
+otherwise the PyTorch twin. ``EPIKV_BACKEND=triton|torch`` forces one. A
+shape or dtype the kernels do not cover (``head_dim > 256``) runs the twin.
+Layouts are documented on each function in :mod:`.naive`; any strides work.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+
+from . import naive
+from ._checks import check_attention, check_compact, check_select, check_zscore
+from .naive import AttentionResult
+
+MAX_TRITON_HEAD_DIM = 256
+
+
+def backend_for(x: torch.Tensor) -> str:
+    """``"triton"`` or ``"torch"``: which implementation runs for tensors like ``x``."""
+    forced = os.environ.get("EPIKV_BACKEND", "").strip().lower()
+    if forced not in ("", "triton", "torch"):
+        raise ValueError(f"EPIKV_BACKEND must be 'triton' or 'torch', got {forced!r}")
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if forced == "triton" and not (x.is_cuda or interpret):
+        raise ValueError("EPIKV_BACKEND=triton needs GPU tensors, or TRITON_INTERPRET=1 to run the kernels on CPU")
+    if forced:
+        return forced
+    return "triton" if (x.is_cuda or interpret) else "torch"
+
+
+def slot_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pos: torch.Tensor,
+    *,
+    scale: float | None = None,
+    window: int | None = None,
+    prev_k: torch.Tensor | None = None,
+    prev_v: torch.Tensor | None = None,
+    with_deltas: bool = True,
+    return_lse: bool = False,
+    num_splits: int | None = None,
+    check_positions: bool = True,
+) -> AttentionResult:
+    """Attention of the last ``T`` tokens over ``S`` key slots, with delta norms.
+
+    ``q [B, Hq, T, D]``, ``k``/``v [B, Hkv, S, D]`` (fp16, bf16 or fp32, one
+    dtype; the last ``T`` slots are the new tokens), ``pos [B, S]`` int32/int64
+    (``-1`` = empty or padding). Key ``j`` is visible to query ``i`` iff
+    ``pos[j] >= 0 and pos[j] <= pos_q[i]`` (and ``pos_q[i] - pos[j] < window``).
+    ``prev_k``/``prev_v [B, Hkv, D]``: the key/value of the token before the
+    first new one (its delta is NaN without them). ``num_splits`` splits the
+    keys across programs (decode); ``None`` picks it from the shape.
+    ``check_positions`` validates positions on the host (one sync); engines
+    that build positions themselves pass ``False``.
+    Returns :class:`AttentionResult` ``(out, dk, dv, lse)``.
+    """
+    check_attention(q, k, v, pos, window, prev_k, prev_v, num_splits, check_positions)
+    kwargs = dict(
+        scale=scale, window=window, prev_k=prev_k, prev_v=prev_v,
+        with_deltas=with_deltas, return_lse=return_lse, num_splits=num_splits,
+    )
+    if backend_for(q) == "triton" and q.shape[-1] <= MAX_TRITON_HEAD_DIM:
+        from .attention import slot_attention as triton_attention
+
+        return triton_attention(q, k, v, pos, **kwargs)
+    return naive.slot_attention(q, k, v, pos, **kwargs)
+
+
+def rolling_zscore(
+    values: torch.Tensor,
+    ring: torch.Tensor,
+    count: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Rolling z-score update: ``values [B, NB, T]`` -> ``score [B, T]``; ``ring``/``count`` in place.
+
+    See :func:`.naive.rolling_zscore` for the exact definition.
+    """
+    check_zscore(values, ring, count, weights, eps)
+    if backend_for(values) == "triton":
+        from .zscore import rolling_zscore as triton_zscore
+
+        return triton_zscore(values, ring, count, weights, eps=eps)
+    return naive.rolling_zscore(values, ring, count, weights, eps=eps)
+
+
+def select_slots(
+    scores: torch.Tensor,
+    pos: torch.Tensor,
+    budget: int,
+    *,
+    protect_prefix: int | Sequence[int],
+    recent: int,
+) -> torch.Tensor:
+    """Kept slot indices ``[B, min(budget, S)]`` (ascending, ``-1`` padded); see :func:`.naive.select_slots`.
+
+    Built from sort and gather, so it runs on the tensors' device with no host
+    synchronisation on either backend.
+    """
+    check_select(scores, pos, budget, protect_prefix, recent)
+    return naive.select_slots(scores, pos, budget, protect_prefix=protect_prefix, recent=recent)
+
+
+def compact_slots_(kv: torch.Tensor, pos: torch.Tensor, scores: torch.Tensor, keep: torch.Tensor) -> None:
+    """Gather ``keep`` to the front of every plane of ``kv [P, B, H, S, D]`` and of ``pos``/``scores``, in place."""
+    check_compact(kv, pos, scores, keep)
+    if backend_for(kv) == "triton":
+        from .compaction import compact_slots_ as triton_compact
+
+        triton_compact(kv, pos, scores, keep)
+    else:
+        naive.compact_slots_(kv, pos, scores, keep)
+
+
+def evict_(
+    kv: torch.Tensor,
+    pos: torch.Tensor,
+    scores: torch.Tensor,
+    budget: int,
+    *,
+    protect_prefix: int | Sequence[int],
+    recent: int,
+) -> torch.Tensor:
+    """:func:`select_slots` then :func:`compact_slots_`; returns the ``keep`` indices used."""
+    keep = select_slots(scores, pos, budget, protect_prefix=protect_prefix, recent=recent)
+    compact_slots_(kv, pos, scores, keep)
+    return keep
+
+
+__all__ = [
+    "AttentionResult",
+    "backend_for",
+    "compact_slots_",
+    "evict_",
+    "naive",
+    "rolling_zscore",
+    "select_slots",
+    "slot_attention",
+]

@@ -1,0 +1,159 @@
+"""Input validation shared by both backends: every error names the argument
+and what was expected, so a caller never has to read a kernel to find out."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+INT_DTYPES = (torch.int32, torch.int64)
+
+
+def require_tensor(name: str, x: object, ndim: int, dtypes: tuple[torch.dtype, ...]) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+    if x.dtype not in dtypes:
+        allowed = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise ValueError(f"{name} must have dtype in ({allowed}), got {str(x.dtype).removeprefix('torch.')}")
+    return x
+
+
+def require_shape(name: str, x: torch.Tensor, shape: Sequence[int], layout: str) -> None:
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {layout} = {tuple(shape)}, got {tuple(x.shape)}")
+
+
+def require_same_device(**tensors: torch.Tensor | None) -> torch.device:
+    present = {name: t for name, t in tensors.items() if t is not None}
+    devices = {t.device for t in present.values()}
+    if len(devices) > 1:
+        listing = ", ".join(f"{name} on {t.device}" for name, t in present.items())
+        raise ValueError(f"all tensors must be on one device; got {listing}")
+    return devices.pop()
+
+
+def check_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pos: torch.Tensor,
+    window: int | None,
+    prev_k: torch.Tensor | None,
+    prev_v: torch.Tensor | None,
+    num_splits: int | None,
+    check_positions: bool,
+) -> None:
+    require_tensor("q", q, 4, FLOAT_DTYPES)
+    require_tensor("k", k, 4, FLOAT_DTYPES)
+    require_tensor("v", v, 4, FLOAT_DTYPES)
+    require_tensor("pos", pos, 2, INT_DTYPES)
+    require_same_device(q=q, k=k, v=v, pos=pos, prev_k=prev_k, prev_v=prev_v)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k and v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    B, Hq, T, D = q.shape
+    if k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(
+            f"k must have shape [B, Hkv, S, D] with B={B} and D={D} taken from q [B, Hq, T, D]; got {tuple(k.shape)}"
+        )
+    Hkv, S = k.shape[1], k.shape[2]
+    require_shape("v", v, (B, Hkv, S, D), "[B, Hkv, S, D] like k")
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv}) for grouped-query attention")
+    if S < T:
+        raise ValueError(f"k has {S} slots but q has {T} tokens: the last T key slots must hold the new tokens' keys")
+    if T == 0:
+        raise ValueError("q has no tokens (T = 0)")
+    require_shape("pos", pos, (B, S), "[B, S]")
+    for name, prev in (("prev_k", prev_k), ("prev_v", prev_v)):
+        if prev is not None:
+            require_tensor(name, prev, 3, FLOAT_DTYPES)
+            require_shape(name, prev, (B, Hkv, D), "[B, Hkv, D]")
+    if window is not None and (not isinstance(window, int) or window < 1):
+        raise ValueError(f"window must be a positive int or None, got {window!r}")
+    if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
+        raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
+    if check_positions:
+        check_query_positions(pos, T)
+
+
+def check_query_positions(pos: torch.Tensor, num_queries: int) -> None:
+    """Positions are ``-1`` or non-negative, and the new tokens' real positions strictly increase.
+
+    Reads device data (one host sync); callers that build positions themselves
+    pass ``check_positions=False``.
+    """
+    if bool((pos < -1).any()):
+        raise ValueError("pos must be -1 (empty/padding slot) or a non-negative absolute position")
+    if num_queries < 2:
+        return
+    new = pos[:, pos.shape[1] - num_queries :]
+    real = new >= 0
+    # Running maximum of the real positions seen so far (-1 before the first).
+    running = torch.cummax(torch.where(real, new, torch.full_like(new, -1)), dim=1).values
+    out_of_order = real[:, 1:] & (new[:, 1:] <= running[:, :-1])
+    if bool(out_of_order.any()):
+        raise ValueError(
+            "positions out of order: the new tokens' positions (the last T entries of pos) must strictly "
+            "increase within each sequence, with -1 only for padding"
+        )
+
+
+def check_zscore(values: torch.Tensor, ring: torch.Tensor, count: torch.Tensor, weights: torch.Tensor, eps: float) -> None:
+    require_tensor("values", values, 3, (torch.float32,))
+    require_tensor("ring", ring, 3, (torch.float32,))
+    require_tensor("count", count, 2, (torch.int64,))
+    require_tensor("weights", weights, 1, (torch.float32,))
+    require_same_device(values=values, ring=ring, count=count, weights=weights)
+    B, NB, _ = values.shape
+    if ring.shape[0] != B or ring.shape[1] != NB or ring.shape[2] < 1:
+        raise ValueError(f"ring must have shape [B, NB, W] = [{B}, {NB}, W>=1] like values; got {tuple(ring.shape)}")
+    require_shape("count", count, (B, NB), "[B, NB]")
+    require_shape("weights", weights, (NB,), "[NB]")
+    if not ring.is_contiguous() or not count.is_contiguous():
+        raise ValueError("ring and count are updated in place and must be contiguous")
+    if not eps > 0:
+        raise ValueError(f"eps must be positive, got {eps!r}")
+
+
+def check_select(
+    scores: torch.Tensor,
+    pos: torch.Tensor,
+    budget: int,
+    protect_prefix: int | Sequence[int],
+    recent: int,
+) -> None:
+    require_tensor("scores", scores, 2, FLOAT_DTYPES)
+    require_tensor("pos", pos, 2, INT_DTYPES)
+    require_same_device(scores=scores, pos=pos)
+    require_shape("pos", pos, scores.shape, "[B, S] like scores")
+    B = scores.shape[0]
+    if not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"budget must be a positive int, got {budget!r}")
+    if not isinstance(recent, int) or recent < 0:
+        raise ValueError(f"recent must be a non-negative int, got {recent!r}")
+    prefixes = [protect_prefix] * B if isinstance(protect_prefix, int) else list(protect_prefix)
+    if len(prefixes) != B or any(not isinstance(p, int) or p < 0 for p in prefixes):
+        raise ValueError(f"protect_prefix must be a non-negative int or {B} of them (one per sequence), got {protect_prefix!r}")
+    protected = max(prefixes, default=0) + recent
+    if budget < protected:
+        raise ValueError(
+            f"budget ({budget}) is smaller than the protected set (prefix {max(prefixes)} + recent {recent} = "
+            f"{protected} tokens): raise the budget, or lower sink/recent (keep_prompt=False protects only the sink)"
+        )
+
+
+def check_compact(kv: torch.Tensor, pos: torch.Tensor, scores: torch.Tensor, keep: torch.Tensor) -> None:
+    require_tensor("kv", kv, 5, FLOAT_DTYPES)
+    require_tensor("pos", pos, 2, INT_DTYPES)
+    require_tensor("scores", scores, 2, (torch.float32,))
+    require_tensor("keep", keep, 2, (torch.int64,))
+    require_same_device(kv=kv, pos=pos, scores=scores, keep=keep)
+    _, B, _, S, _ = kv.shape
+    require_shape("pos", pos, (B, S), "[B, S] with B, S from kv [P, B, H, S, D]")
+    require_shape("scores", scores, (B, S), "[B, S] like pos")
+    if keep.shape[0] != B or keep.shape[1] > S:
+        raise ValueError(f"keep must have shape [B, K] with B={B} and K <= S={S}; got {tuple(keep.shape)}")

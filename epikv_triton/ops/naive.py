@@ -1,0 +1,232 @@
+"""PyTorch twins of every op in :mod:`epikv_triton.ops`.
+
+Each function here has the same signature and semantics as its Triton
+counterpart. They are the test oracle and the CPU path, so they favour
+clarity over speed, but they still never build anything larger than the
+attention matrix of one call.
+
+Layouts (shared with the kernels, see :mod:`epikv_triton.ops`):
+
+* ``q``: ``[B, Hq, T, D]``; ``k``, ``v``: ``[B, Hkv, S, D]`` with ``Hq % Hkv == 0``.
+  The last ``T`` key slots hold the keys of the ``T`` query tokens, in order.
+* ``pos``: ``[B, S]`` integer absolute positions of the key slots, ``-1`` for an
+  empty or padding slot. Query ``i`` is the token in slot ``S - T + i``.
+* Any strides are accepted.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+
+
+class AttentionResult(NamedTuple):
+    """What :func:`slot_attention` returns.
+
+    ``out``: ``[B, Hq, T, D]`` in ``q.dtype``.
+    ``dk``, ``dv``: ``[B, Hkv, T]`` float32 delta norms ``‖k_t − k_{t−1}‖₂`` of the
+    new keys/values (``None`` when ``with_deltas=False``). The first new token is
+    compared with ``prev_k``/``prev_v``; without them its delta is NaN ("no value").
+    ``lse``: ``[B, Hq, T]`` float32 natural-log sum of exp of the scaled scores
+    (``-inf`` for a query that sees no key), or ``None`` unless asked for.
+    """
+
+    out: torch.Tensor
+    dk: torch.Tensor | None
+    dv: torch.Tensor | None
+    lse: torch.Tensor | None
+
+
+def visibility_mask(pos: torch.Tensor, num_queries: int, window: int | None) -> torch.Tensor:
+    """``[B, T, S]`` bool: key slot ``j`` is visible to query ``i``.
+
+    The one masking rule of the library: ``pos_k[j] >= 0`` and
+    ``pos_k[j] <= pos_q[i]`` and, with a window, ``pos_q[i] - pos_k[j] < window``.
+    A padding query (``pos_q = -1``) sees nothing.
+    """
+    pos_q = pos[:, pos.shape[1] - num_queries :, None]
+    pos_k = pos[:, None, :]
+    visible = (pos_k >= 0) & (pos_k <= pos_q)
+    if window is not None:
+        visible &= (pos_q - pos_k) < window
+    return visible
+
+
+def delta_norms(
+    x: torch.Tensor, num_new: int, prev: torch.Tensor | None
+) -> torch.Tensor:
+    """``[B, H, T]`` float32 ``‖x_t − x_{t−1}‖₂`` over the last ``num_new`` slots of ``x``."""
+    new = x[:, :, x.shape[2] - num_new :].float()
+    if prev is None:
+        first = torch.full_like(new[:, :, :1, 0], float("nan"))
+    else:
+        first = torch.linalg.vector_norm(new[:, :, 0] - prev.float(), dim=-1)[:, :, None]
+    rest = torch.linalg.vector_norm(new[:, :, 1:] - new[:, :, :-1], dim=-1)
+    return torch.cat([first, rest], dim=2)
+
+
+def slot_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pos: torch.Tensor,
+    *,
+    scale: float | None = None,
+    window: int | None = None,
+    prev_k: torch.Tensor | None = None,
+    prev_v: torch.Tensor | None = None,
+    with_deltas: bool = True,
+    return_lse: bool = False,
+    num_splits: int | None = None,
+) -> AttentionResult:
+    """Attention of the last ``T`` tokens over all ``S`` key slots, plus delta norms.
+
+    Covers prefill (``S == T``), chunked prefill and decode (``T == 1``) with one
+    rule (see :func:`visibility_mask`). Softmax in float32; the output is cast
+    to ``q.dtype``. A query that sees no key gets a zero output and ``lse = -inf``.
+    ``num_splits`` only steers the Triton decode path; it is accepted and
+    ignored here so both backends share one signature.
+    """
+    del num_splits
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    group = Hq // Hkv
+    scale = D**-0.5 if scale is None else scale
+    keys = k.float().repeat_interleave(group, dim=1)
+    values = v.float().repeat_interleave(group, dim=1)
+    scores = torch.matmul(q.float(), keys.transpose(-1, -2)) * scale
+    visible = visibility_mask(pos, T, window)[:, None]
+    scores = scores.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse.masked_fill(torch.isinf(lse), 0.0)[..., None])
+    out = torch.matmul(probs, values).to(q.dtype)
+    dk = dv = None
+    if with_deltas:
+        dk = delta_norms(k, T, prev_k)
+        dv = delta_norms(v, T, prev_v)
+    return AttentionResult(out, dk, dv, lse if return_lse else None)
+
+
+def rolling_zscore(
+    values: torch.Tensor,
+    ring: torch.Tensor,
+    count: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Causal rolling z-score of many bands, combined into one score per token.
+
+    ``values``: ``[B, NB, T]`` float32 new band values in stream order; NaN
+    means "no value" (first token of a sequence, padding): it is not pushed
+    into the window and contributes 0 to the score.
+    ``ring``: ``[B, NB, W]`` float32, the last ``W`` pushed values of each band;
+    the next push goes to index ``count % W``. Updated in place.
+    ``count``: ``[B, NB]`` int64 values pushed so far. Updated in place.
+    ``weights``: ``[NB]`` float32 signed band weights.
+
+    For each pushed value ``x``, with the window being the last
+    ``n = min(count, W)`` pushed values including ``x``:
+    ``z = (x − mean) / (std + eps)`` (population std), and ``z = 0`` while
+    ``n < 2``. Returns ``score [B, T] = Σ_band weights[band] · z``, float32.
+    """
+    B, NB, T = values.shape
+    W = ring.shape[2]
+    slot = torch.arange(W, device=values.device)
+    score = torch.zeros(B, T, dtype=torch.float32, device=values.device)
+    for t in range(T):
+        x = values[:, :, t].float()
+        pushed = ~torch.isnan(x)
+        write_here = pushed[..., None] & (slot == (count % W)[..., None])
+        ring.copy_(torch.where(write_here, x[..., None], ring))
+        count.add_(pushed.to(count.dtype))
+        n = torch.clamp(count, max=W)
+        in_window = slot < n[..., None]
+        filled = in_window.sum(-1).clamp(min=1)
+        mean = torch.where(in_window, ring, 0.0).sum(-1) / filled
+        var = torch.where(in_window, (ring - mean[..., None]) ** 2, 0.0).sum(-1) / filled
+        z = (x - mean) / (var.sqrt() + eps)
+        z = torch.where(pushed & (n >= 2), z, 0.0)
+        score[:, t] = (z * weights.float()).sum(-1)
+    return score
+
+
+def select_slots(
+    scores: torch.Tensor,
+    pos: torch.Tensor,
+    budget: int,
+    *,
+    protect_prefix: int | Sequence[int],
+    recent: int,
+) -> torch.Tensor:
+    """Choose which slots each sequence keeps: ``[B, min(budget, S)]`` int64.
+
+    ``scores``: ``[B, S]`` float, higher = more important; NaN ranks lowest.
+    ``pos``: ``[B, S]`` int absolute positions, ``-1`` = empty/padding (never kept,
+    never costs budget). Protected, always kept: positions below
+    ``protect_prefix`` (an int or one per sequence: sink tokens or the whole
+    prompt) and the ``recent`` highest positions of the sequence. The rest of
+    the budget goes to the highest scores; ties go to the lower slot index.
+
+    Row ``b`` lists the kept slot indices in ascending order, then ``-1`` for
+    each unused place. No host synchronisation.
+    """
+    B, S = scores.shape
+    kept = min(budget, S)
+    prefix = _per_sequence(protect_prefix, B, pos.device)
+    valid = pos >= 0
+    seen = pos.max(dim=1, keepdim=True).values + 1
+    protected = valid & ((pos < prefix[:, None]) | (pos >= seen - recent))
+    tier = valid.to(torch.int8) + protected.to(torch.int8)
+    key = torch.nan_to_num(scores.float(), nan=float("-inf"))
+    by_score = torch.sort(key, dim=1, descending=True, stable=True).indices
+    by_tier = torch.sort(tier.gather(1, by_score), dim=1, descending=True, stable=True).indices
+    order = by_score.gather(1, by_tier)[:, :kept]
+    chosen_valid = valid.gather(1, order)
+    order = torch.where(chosen_valid, order, torch.full_like(order, S))
+    order = torch.sort(order, dim=1).values
+    return torch.where(order == S, torch.full_like(order, -1), order)
+
+
+def compact_slots_(
+    kv: torch.Tensor, pos: torch.Tensor, scores: torch.Tensor, keep: torch.Tensor
+) -> None:
+    """Gather the kept slots to the front, in place, for every plane at once.
+
+    ``kv``: ``[P, B, H, S, D]`` (planes = every layer's K and V), any strides.
+    ``pos``: ``[B, S]`` int; ``scores``: ``[B, S]`` float32 slot metadata.
+    ``keep``: ``[B, K]`` int64 from :func:`select_slots` (ascending, ``-1`` = none).
+
+    Afterwards slot ``i < K`` of sequence ``b`` holds what slot ``keep[b, i]``
+    held; slots with ``keep = -1`` and all slots ``>= K`` get ``pos = -1`` and
+    ``score = NaN`` (their K/V bytes are left as they were: masked out by pos).
+    """
+    K = keep.shape[1]
+    present = keep >= 0
+    src = keep.clamp(min=0)
+    gathered = kv.gather(3, src[None, :, None, :, None].expand(*kv.shape[:3], K, kv.shape[4]))
+    kv[:, :, :, :K] = torch.where(present[None, :, None, :, None], gathered, kv[:, :, :, :K])
+    new_pos = torch.where(present, pos.gather(1, src), torch.full_like(src, -1).to(pos.dtype))
+    new_scores = torch.where(present, scores.gather(1, src), torch.full_like(scores[:, :K], float("nan")))
+    pos[:, :K] = new_pos
+    pos[:, K:] = -1
+    scores[:, :K] = new_scores
+    scores[:, K:] = float("nan")
+
+
+def _per_sequence(value: int | Sequence[int], batch: int, device: torch.device) -> torch.Tensor:
+    if isinstance(value, int):
+        return torch.full((batch,), value, dtype=torch.int64, device=device)
+    return torch.as_tensor(list(value), dtype=torch.int64, device=device)
+
+
+__all__ = [
+    "AttentionResult",
+    "slot_attention",
+    "compact_slots_",
+    "delta_norms",
+    "rolling_zscore",
+    "select_slots",
+    "visibility_mask",
+]
