@@ -17,10 +17,21 @@ import triton
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def autotune(configs: Sequence[triton.Config], key: list[str], interpret_config: triton.Config | None = None) -> Callable:
-    """``triton.autotune`` over ``configs`` on a GPU; one config under the interpreter."""
+def autotune(
+    configs: Sequence[triton.Config],
+    key: list[str],
+    interpret_config: triton.Config | None = None,
+    restore_value: list[str] | None = None,
+) -> Callable:
+    """``triton.autotune`` over ``configs`` on a GPU; one config under the interpreter.
+
+    ``restore_value`` names the arguments an in-place kernel overwrites: while
+    tuning, Triton runs every config on the real arguments, so it must save and
+    restore them around each trial or the caller's data gets transformed
+    several times.
+    """
     chosen = [interpret_config or configs[0]] if INTERPRET else list(configs)
-    return triton.autotune(configs=chosen, key=key)
+    return triton.autotune(configs=chosen, key=key, restore_value=restore_value)
 
 
 def launch_options(config: triton.Config | None) -> dict:

@@ -1,0 +1,433 @@
+"""Fused slot attention in Triton: FlashAttention forward + per-new-key delta norms.
+
+One kernel serves prefill (``S == T``), chunked prefill and decode (``T == 1``);
+the semantics are exactly those of :func:`epikv_triton.ops.naive.slot_attention`.
+
+Layouts and dtypes (any strides for the inputs; nothing big is copied):
+
+* ``q``: ``[B, Hq, T, D]``; ``k``, ``v``: ``[B, Hkv, S, D]``; one dtype among
+  fp16, bf16, fp32; ``Hq = G * Hkv``. The last ``T`` key slots are the new tokens.
+* ``pos``: ``[B, S]`` int32 or int64, ``-1`` = empty/padding slot; query ``i`` has
+  position ``pos[:, S - T + i]``.
+* ``prev_k``, ``prev_v``: optional ``[B, Hkv, D]`` (any float dtype), the key and
+  value of the token before the first new one.
+* Returns ``out [B, Hq, T, D]`` in ``q.dtype`` (fresh, contiguous),
+  ``dk``/``dv [B, Hkv, T]`` float32 and ``lse [B, Hq, T]`` float32 (natural log).
+
+How the work is cut:
+
+* GQA is packed: a program owns one (batch, kv head) and ``BLOCK_M`` rows of the
+  flattened index ``r = t * G + g`` over (new token ``t``, head ``g`` of the
+  group), so every K/V tile it loads serves all ``G`` query heads.
+* Softmax is online, in float32, in base 2 (``log2(e)`` is folded into the scale).
+  A row that sees no key keeps a running max of ``-inf``; the kernel then uses 0
+  as the subtraction point and writes ``out = 0``, ``lse = -inf``.
+* Split-K: the grid's third axis cuts the key range into ``num_splits``
+  contiguous pieces; with more than one piece each writes a partial
+  (out, lse) to float32 scratch and a second small kernel merges them.
+* Delta norms are emitted by the split-0 program of each row block, for the
+  tokens whose first row ``t * G`` lies in that block (each token exactly once).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton_support import INTERPRET, autotune, launch_options
+from .naive import AttentionResult
+
+LOG2_E = 1.4426950408889634
+
+# --------------------------------------------------------------------------- #
+# Config spaces
+# --------------------------------------------------------------------------- #
+
+# Prefill / chunked prefill: compute bound (4·rows·S·D FLOPs per (batch, kv head)
+# against 2·S·D·bytes of K/V), so big M tiles amortise each K/V tile over many
+# rows; N and the pipeline depth trade registers/shared memory against latency
+# hiding. Configs that do not fit (e.g. D = 256 with 128×128 tiles, 4 stages)
+# fail to compile and are skipped by the autotuner.
+PREFILL_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=4),
+]
+
+# Decode: memory bound (each K/V byte is used by only G rows), so the smallest M
+# tile tl.dot accepts and long N tiles with deep pipelines to keep HBM busy.
+DECODE_CONFIGS = [
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 128}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 256}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 256}, num_warps=4, num_stages=3),
+]
+
+# The interpreter runs one config; big tiles mean fewer interpreted iterations.
+INTERPRET_PREFILL_CONFIG = triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=4, num_stages=1)
+INTERPRET_DECODE_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 128}, num_warps=4, num_stages=1)
+
+# Rows (T * G) up to this many use the decode space.
+DECODE_MAX_ROWS = 16
+# Split-K heuristics (GPU only): aim for this many programs per SM, and never
+# give a split fewer keys than this.
+PROGRAMS_PER_SM = 2
+MIN_KEYS_PER_SPLIT = 256
+MAX_SPLITS = 128
+# Rows merged per program by the split combine kernel.
+COMBINE_ROWS = 16 if INTERPRET else 4
+
+AUTOTUNE_KEY = ["BLOCK_D", "G", "ROWS_BUCKET", "KEYS_BUCKET", "HAS_WINDOW", "WITH_DELTAS", "WRITE_LSE"]
+
+
+# --------------------------------------------------------------------------- #
+# Kernels
+# --------------------------------------------------------------------------- #
+
+
+@triton.jit
+def _attention_fwd_kernel(
+    Q, K, V, POS, OUT, LSE, DK, DV, PREV_K, PREV_V,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_pb, stride_ps,
+    stride_ob, stride_oh, stride_ot, stride_od, stride_osplit,
+    stride_lb, stride_lh, stride_lt, stride_lsplit,
+    stride_pkb, stride_pkh, stride_pkd,
+    stride_pvb, stride_pvh, stride_pvd,
+    T, S, D, G, Hkv,
+    qk_scale, window,
+    ROWS_BUCKET, KEYS_BUCKET,  # autotune key only
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, WRITE_LSE: tl.constexpr,
+    WITH_DELTAS: tl.constexpr, HAS_PREV_K: tl.constexpr, HAS_PREV_V: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    split = tl.program_id(2)
+    num_splits = tl.num_programs(2)
+    # 64-bit bases: batch * batch-stride overflows int32 for long caches.
+    b = (pid_bh // Hkv).to(tl.int64)
+    kv_head = (pid_bh % Hkv).to(tl.int64)
+    num_rows = T * G
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_valid = rows < num_rows
+    token = rows // G
+    q_head = kv_head * G + rows % G
+    dims = tl.arange(0, BLOCK_D)
+    dim_valid = dims < D
+    row_dim_mask = row_valid[:, None] & dim_valid[None, :]
+
+    pos_row = POS + b * stride_pb
+    # Rows past the end read position -1: they see nothing and are never stored.
+    pos_q = tl.load(pos_row + (S - T + token) * stride_ps, mask=row_valid, other=-1)
+
+    q_ptrs = Q + b * stride_qb + q_head[:, None] * stride_qh + token[:, None] * stride_qt + dims[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=row_dim_mask, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    # Keys after the block's last token are later new tokens: never visible.
+    last_token = tl.minimum(pid_m * BLOCK_M + BLOCK_M - 1, num_rows - 1) // G
+    causal_end = S - T + last_token + 1
+    # Splits are whole key tiles so every tile but the last is full.
+    keys_per_split = tl.cdiv(tl.cdiv(S, num_splits), BLOCK_N) * BLOCK_N
+    key_lo = split * keys_per_split
+    key_hi = tl.minimum(key_lo + keys_per_split, causal_end)
+
+    k_base = K + b * stride_kb + kv_head * stride_kh
+    v_base = V + b * stride_vb + kv_head * stride_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    for start in range(key_lo, key_hi, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        key_valid = keys < key_hi
+        pos_k = tl.load(pos_row + keys * stride_ps, mask=key_valid, other=-1)
+        kv_mask = key_valid[:, None] & dim_valid[None, :]
+        # K is loaded transposed ([D, N]) so the score tile is a plain q @ k_t.
+        k_t = tl.load(
+            k_base + keys[None, :] * stride_ks + dims[:, None] * stride_kd,
+            mask=key_valid[None, :] & dim_valid[:, None], other=0.0,
+        )
+        v = tl.load(v_base + keys[:, None] * stride_vs + dims[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        if UPCAST:
+            k_t = k_t.to(tl.float32)
+            v = v.to(tl.float32)
+
+        scores = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
+        # The masking rule, applied to every tile: positions are the only truth.
+        visible = (pos_k[None, :] >= 0) & (pos_k[None, :] <= pos_q[:, None])
+        if HAS_WINDOW:
+            visible = visible & ((pos_q[:, None] - pos_k[None, :]) < window)
+        scores = tl.where(visible, scores, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        # A row with nothing visible yet subtracts 0 instead of -inf (no NaN).
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(scores - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        # p is rounded to V's storage type as on a GPU, even when upcasting.
+        p_v = p.to(V.dtype.element_ty)
+        if UPCAST:
+            p_v = p_v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p_v, v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    has_keys = l_i > 0.0
+    out = tl.where(has_keys[:, None], acc / tl.where(has_keys, l_i, 1.0)[:, None], 0.0)
+    out_ptrs = (
+        OUT + split * stride_osplit + b * stride_ob + q_head[:, None] * stride_oh
+        + token[:, None] * stride_ot + dims[None, :] * stride_od
+    )
+    tl.store(out_ptrs, out.to(OUT.dtype.element_ty), mask=row_dim_mask)
+    if WRITE_LSE:
+        lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+        lse_ptrs = LSE + split * stride_lsplit + b * stride_lb + q_head * stride_lh + token * stride_lt
+        tl.store(lse_ptrs, lse, mask=row_valid)
+
+    if WITH_DELTAS:
+        if split == 0:
+            # Row t * G (head 0 of the group) carries token t's delta norms.
+            owner = row_valid & (rows % G == 0)
+            slot = S - T + token
+            _store_delta_norms(
+                k_base, stride_ks, stride_kd, PREV_K + b * stride_pkb + kv_head * stride_pkh, stride_pkd,
+                DK + (b * Hkv + kv_head) * T + token, slot, token, owner, dims, dim_valid, HAS_PREV_K,
+            )
+            _store_delta_norms(
+                v_base, stride_vs, stride_vd, PREV_V + b * stride_pvb + kv_head * stride_pvh, stride_pvd,
+                DV + (b * Hkv + kv_head) * T + token, slot, token, owner, dims, dim_valid, HAS_PREV_V,
+            )
+
+
+@triton.jit
+def _store_delta_norms(
+    base, stride_s, stride_d, prev_base, stride_prev_d, out_ptrs, slot, token, owner, dims, dim_valid,
+    HAS_PREV: tl.constexpr,
+):
+    """``‖x[slot] − x[slot − 1]‖₂`` per row (``prev`` for token 0, NaN without it)."""
+    mask = owner[:, None] & dim_valid[None, :]
+    current = tl.load(base + slot[:, None] * stride_s + dims[None, :] * stride_d, mask=mask, other=0.0)
+    has_before = token > 0
+    before = tl.load(
+        base + (slot - 1)[:, None] * stride_s + dims[None, :] * stride_d,
+        mask=mask & has_before[:, None], other=0.0,
+    ).to(tl.float32)
+    if HAS_PREV:
+        # Same prev vector for every row; only token 0's row takes it.
+        prev = tl.load(prev_base + dims * stride_prev_d, mask=dim_valid, other=0.0).to(tl.float32)
+        before = tl.where(has_before[:, None], before, prev[None, :])
+    diff = current.to(tl.float32) - before
+    norm = tl.sqrt(tl.sum(diff * diff, axis=1))
+    if not HAS_PREV:
+        norm = tl.where(has_before, norm, float("nan"))
+    tl.store(out_ptrs, norm, mask=owner)
+
+
+@triton.jit
+def _combine_splits_kernel(
+    PART_OUT, PART_LSE, OUT, LSE,
+    num_rows, num_splits, D,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, WRITE_LSE: tl.constexpr,
+):
+    """Merge split partials: ``out = Σ_s w_s·out_s / Σ_s w_s`` with ``w_s = exp(lse_s − max)``.
+
+    Partials are float32 ``[num_splits, num_rows, D]`` / ``[num_splits, num_rows]``
+    (contiguous); rows are the flattened ``(b, h, t)`` of the contiguous output.
+    A split that saw no key has ``lse = -inf`` and weighs 0.
+    """
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_valid = rows < num_rows
+    dims = tl.arange(0, BLOCK_D)
+    mask = row_valid[:, None] & (dims < D)[None, :]
+    rows64 = rows.to(tl.int64)
+
+    m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    for s in range(0, num_splits):
+        lse_s = tl.load(PART_LSE + s * num_rows + rows64, mask=row_valid, other=float("-inf"))
+        out_s = tl.load(PART_OUT + (s * num_rows + rows64)[:, None] * D + dims[None, :], mask=mask, other=0.0)
+        m_new = tl.maximum(m_i, lse_s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        weight = tl.exp(lse_s - m_safe)
+        l_i = l_i * alpha + weight
+        acc = acc * alpha[:, None] + weight[:, None] * out_s
+        m_i = m_new
+
+    has_keys = l_i > 0.0
+    out = tl.where(has_keys[:, None], acc / tl.where(has_keys, l_i, 1.0)[:, None], 0.0)
+    tl.store(OUT + rows64[:, None] * D + dims[None, :], out.to(OUT.dtype.element_ty), mask=mask)
+    if WRITE_LSE:
+        lse = tl.where(has_keys, m_i + tl.log(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+        tl.store(LSE + rows64, lse, mask=row_valid)
+
+
+_prefill_kernel = autotune(PREFILL_CONFIGS, AUTOTUNE_KEY, INTERPRET_PREFILL_CONFIG)(_attention_fwd_kernel)
+_decode_kernel = autotune(DECODE_CONFIGS, AUTOTUNE_KEY, INTERPRET_DECODE_CONFIG)(_attention_fwd_kernel)
+
+
+# --------------------------------------------------------------------------- #
+# Heuristics
+# --------------------------------------------------------------------------- #
+
+
+def uses_decode_space(num_rows: int) -> bool:
+    """Whether ``T * G`` rows per (batch, kv head) run with the decode config space."""
+    return num_rows <= DECODE_MAX_ROWS
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessor_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def choose_num_splits(batch_kv_heads: int, num_rows: int, num_keys: int, device: torch.device) -> int:
+    """Split-K factor for a launch: only decode-sized row counts on a GPU get more than 1.
+
+    Enough programs to give every SM ``PROGRAMS_PER_SM`` of them, with at
+    least ``MIN_KEYS_PER_SPLIT`` keys per split. Under the interpreter there is
+    nothing to fill, so 1 (callers can still force a split count).
+    """
+    if device.type != "cuda" or not uses_decode_space(num_rows):
+        return 1
+    target = PROGRAMS_PER_SM * _multiprocessor_count(device.index or 0)
+    wanted = triton.cdiv(target, batch_kv_heads)
+    return max(1, min(wanted, num_keys // MIN_KEYS_PER_SPLIT, MAX_SPLITS))
+
+
+def _bucket(n: int) -> int:
+    """Power-of-two bucket for autotune keys, so decode does not retune every step."""
+    return triton.next_power_of_2(max(n, 1))
+
+
+# --------------------------------------------------------------------------- #
+# Launcher
+# --------------------------------------------------------------------------- #
+
+
+def slot_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pos: torch.Tensor,
+    *,
+    scale: float | None = None,
+    window: int | None = None,
+    prev_k: torch.Tensor | None = None,
+    prev_v: torch.Tensor | None = None,
+    with_deltas: bool = True,
+    return_lse: bool = False,
+    num_splits: int | None = None,
+    config: triton.Config | None = None,
+) -> AttentionResult:
+    """Triton twin of :func:`epikv_triton.ops.naive.slot_attention` (inputs already validated).
+
+    ``config`` launches that config instead of autotuning (tests use it to run
+    every config of :data:`PREFILL_CONFIGS` / :data:`DECODE_CONFIGS`).
+    """
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    num_rows = T * G
+    scale = D**-0.5 if scale is None else float(scale)
+    if num_splits is None:
+        num_splits = choose_num_splits(B * Hkv, num_rows, S, q.device)
+
+    out = torch.empty((B, Hq, T, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, T), dtype=torch.float32, device=q.device) if return_lse else None
+    if num_splits > 1:
+        # Partials in float32, laid out [split, B, Hq, T, (D)] so the combine
+        # kernel sees flat rows identical to the contiguous output's.
+        part_out = torch.empty((num_splits, B, Hq, T, D), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((num_splits, B, Hq, T), dtype=torch.float32, device=q.device)
+        target_out, target_lse = part_out, part_lse
+    else:
+        target_out = out
+        target_lse = lse if lse is not None else out  # never written without WRITE_LSE
+    write_lse = num_splits > 1 or return_lse
+    split_out_stride = target_out.stride(0) if num_splits > 1 else 0
+    split_lse_stride = target_lse.stride(0) if num_splits > 1 else 0
+    out_strides = target_out.stride()[-4:]
+    lse_strides = target_lse.stride()[-3:] if write_lse else (0, 0, 0)
+
+    dk = dv = None
+    if with_deltas:
+        dk = torch.empty((B, Hkv, T), dtype=torch.float32, device=q.device)
+        dv = torch.empty((B, Hkv, T), dtype=torch.float32, device=q.device)
+    has_prev_k = with_deltas and prev_k is not None
+    has_prev_v = with_deltas and prev_v is not None
+    # Unused pointer arguments get a harmless stand-in; their code is compiled out.
+    prev_k_arg = prev_k if has_prev_k else k
+    prev_v_arg = prev_v if has_prev_v else v
+    prev_k_strides = prev_k.stride() if has_prev_k else (0, 0, 0)
+    prev_v_strides = prev_v.stride() if has_prev_v else (0, 0, 0)
+
+    args = (
+        q, k, v, pos, target_out, target_lse,
+        dk if dk is not None else out, dv if dv is not None else out,
+        prev_k_arg, prev_v_arg,
+        *q.stride(), *k.stride(), *v.stride(), *pos.stride(),
+        *out_strides, split_out_stride,
+        *lse_strides, split_lse_stride,
+        *prev_k_strides, *prev_v_strides,
+        T, S, D, G, Hkv,
+        scale * LOG2_E, window if window is not None else 0,
+        _bucket(num_rows), _bucket(S),
+    )
+    constants = dict(
+        BLOCK_D=max(16, triton.next_power_of_2(D)),
+        HAS_WINDOW=window is not None,
+        WRITE_LSE=write_lse,
+        WITH_DELTAS=with_deltas,
+        HAS_PREV_K=has_prev_k,
+        HAS_PREV_V=has_prev_v,
+        UPCAST=INTERPRET,
+        DOT_PRECISION="ieee" if (q.dtype == torch.float32 or INTERPRET) else "tf32",
+    )
+
+    def grid(meta: dict) -> tuple[int, int, int]:
+        return (triton.cdiv(num_rows, meta["BLOCK_M"]), B * Hkv, num_splits)
+
+    if config is not None:
+        _attention_fwd_kernel[grid](*args, **constants, **launch_options(config))
+    elif uses_decode_space(num_rows):
+        _decode_kernel[grid](*args, **constants)
+    else:
+        _prefill_kernel[grid](*args, **constants)
+
+    if num_splits > 1:
+        flat_rows = B * Hq * T
+        _combine_splits_kernel[(triton.cdiv(flat_rows, COMBINE_ROWS),)](
+            part_out, part_lse, out, lse if lse is not None else part_lse,
+            flat_rows, num_splits, D,
+            BLOCK_R=COMBINE_ROWS, BLOCK_D=constants["BLOCK_D"], WRITE_LSE=return_lse,
+        )
+    return AttentionResult(out, dk, dv, lse)
+
+
+__all__ = [
+    "DECODE_CONFIGS",
+    "PREFILL_CONFIGS",
+    "choose_num_splits",
+    "slot_attention",
+    "uses_decode_space",
+]

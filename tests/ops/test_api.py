@@ -1,0 +1,138 @@
+"""The public ops API: input validation, dispatch and import hygiene."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from epikv_triton import ops
+
+
+def attention_inputs(B=2, Hq=4, Hkv=2, T=3, S=7, D=16, dtype=torch.float32):
+    q = torch.randn(B, Hq, T, D, dtype=dtype)
+    k = torch.randn(B, Hkv, S, D, dtype=dtype)
+    v = torch.randn(B, Hkv, S, D, dtype=dtype)
+    pos = torch.arange(S).repeat(B, 1)
+    return q, k, v, pos
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda a: a.update(k=a["k"][:, :, :, :8]), "k must have shape"),
+        (lambda a: a.update(q=torch.randn(2, 3, 3, 16)), "multiple of key/value heads"),
+        (lambda a: a.update(v=a["v"][:, :1]), "v must have shape"),
+        (lambda a: a.update(q=a["q"].double()), "q must have dtype"),
+        (lambda a: a.update(k=a["k"].half()), "share one dtype"),
+        (lambda a: a.update(pos=a["pos"].float()), "pos must have dtype"),
+        (lambda a: a.update(pos=a["pos"][:, :5]), "pos must have shape"),
+        (lambda a: a.update(q=torch.randn(2, 4, 9, 16)), "last T key slots"),
+        (lambda a: a.update(q=a["q"][0]), "q must have 4 dimensions"),
+        (lambda a: a.update(prev_k=torch.randn(2, 2, 8)), "prev_k must have shape"),
+        (lambda a: a.update(window=0), "window must be a positive int"),
+        (lambda a: a.update(num_splits=0), "num_splits must be a positive int"),
+        (lambda a: a["pos"].__setitem__((0, 5), 2), "positions out of order"),
+        (lambda a: a["pos"].__setitem__((1, 0), -3), "must be -1"),
+        (lambda a: a.update(q=a["q"].to("meta")), "one device"),
+    ],
+)
+def test_attention_rejects_bad_input(mutate, message):
+    q, k, v, pos = attention_inputs()
+    args = dict(q=q, k=k, v=v, pos=pos)
+    mutate(args)
+    with pytest.raises(ValueError, match=message):
+        ops.slot_attention(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("pos"), **args)
+
+
+def test_attention_accepts_padding_and_unchecked_positions():
+    q, k, v, pos = attention_inputs()
+    pos[1, :2] = -1
+    pos[1, 2:] -= 2
+    ops.slot_attention(q, k, v, pos)
+    pos[0, 5] = 2  # out of order, but the caller vouches for its positions
+    ops.slot_attention(q, k, v, pos, check_positions=False)
+
+
+def zscore_inputs(B=2, NB=2, T=5, W=8):
+    return (
+        torch.randn(B, NB, T),
+        torch.zeros(B, NB, W),
+        torch.zeros(B, NB, dtype=torch.int64),
+        torch.tensor([1.29, -1.0]),
+    )
+
+
+@pytest.mark.parametrize(
+    "index, replacement, message",
+    [
+        (0, torch.randn(2, 2, 5).double(), "values must have dtype"),
+        (1, torch.zeros(2, 3, 8), "ring must have shape"),
+        (2, torch.zeros(2, 2, dtype=torch.int32), "count must have dtype"),
+        (2, torch.zeros(3, 2, dtype=torch.int64), "count must have shape"),
+        (3, torch.tensor([1.0, 2.0, 3.0]), "weights must have shape"),
+        (1, torch.zeros(2, 8, 2).transpose(1, 2), "contiguous"),
+        (3, torch.tensor([1.0, -1.0], device="meta"), "one device"),
+    ],
+)
+def test_zscore_rejects_bad_input(index, replacement, message):
+    args = list(zscore_inputs())
+    args[index] = replacement
+    with pytest.raises(ValueError, match=message):
+        ops.rolling_zscore(*args)
+
+
+def test_select_rejects_budget_below_protected_set():
+    scores, pos = torch.randn(2, 20), torch.arange(20).repeat(2, 1)
+    with pytest.raises(ValueError, match="smaller than the protected set"):
+        ops.select_slots(scores, pos, 10, protect_prefix=4, recent=8)
+    with pytest.raises(ValueError, match="smaller than the protected set"):
+        ops.select_slots(scores, pos, 10, protect_prefix=[2, 9], recent=2)
+    with pytest.raises(ValueError, match="budget must be a positive int"):
+        ops.select_slots(scores, pos, 0, protect_prefix=0, recent=0)
+    with pytest.raises(ValueError, match="one per sequence"):
+        ops.select_slots(scores, pos, 10, protect_prefix=[1, 2, 3], recent=2)
+    with pytest.raises(ValueError, match="pos must have shape"):
+        ops.select_slots(scores, pos[:, :5], 10, protect_prefix=1, recent=2)
+
+
+def test_compact_rejects_bad_input():
+    kv = torch.randn(4, 2, 2, 9, 16)
+    pos, scores = torch.arange(9).repeat(2, 1), torch.randn(2, 9)
+    keep = torch.arange(5).repeat(2, 1)
+    with pytest.raises(ValueError, match="kv must have 5 dimensions"):
+        ops.compact_slots_(kv[0], pos, scores, keep)
+    with pytest.raises(ValueError, match="scores must have dtype"):
+        ops.compact_slots_(kv, pos, scores.half(), keep)
+    with pytest.raises(ValueError, match="keep must have shape"):
+        ops.compact_slots_(kv, pos, scores, torch.arange(10).repeat(2, 1))
+    with pytest.raises(ValueError, match="pos must have shape"):
+        ops.compact_slots_(kv, pos[:1], scores, keep)
+
+
+def test_backend_env(monkeypatch):
+    x = torch.zeros(1)
+    monkeypatch.setenv("EPIKV_BACKEND", "torch")
+    assert ops.backend_for(x) == "torch"
+    monkeypatch.setenv("EPIKV_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="EPIKV_BACKEND must be"):
+        ops.backend_for(x)
+    monkeypatch.setenv("EPIKV_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs GPU tensors"):
+            ops.backend_for(x)
+
+
+def test_importing_ops_loads_no_transformers():
+    code = (
+        "import sys\n"
+        "from epikv_triton import ops\n"
+        "import epikv_triton.ops.naive\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'transformers')\n"
+        "assert not bad, bad\n"
+        "print('clean')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "clean" in result.stdout

@@ -1,0 +1,435 @@
+"""Triton slot attention (ops/attention.py) against its PyTorch twin.
+
+Every Triton call runs with ``torch.empty`` poisoned (NaN-filled), so an
+output element the kernels forget to write shows up as a NaN the twin does
+not have. Shapes stay small: on CPU the kernels run in Triton's interpreter.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from epikv_triton.ops import attention, naive
+from epikv_triton.ops.attention import DECODE_CONFIGS, PREFILL_CONFIGS
+from tests.helpers import assert_close_rms, device, poisoned_like
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+# --------------------------------------------------------------------------- #
+# Input builders
+# --------------------------------------------------------------------------- #
+
+
+def randn(*shape, dtype, layout="contiguous"):
+    """Random ``[B, H, N, D]`` tensor.
+
+    ``layout="bshd"``: a transposed view of ``[B, N, H, D + 8]`` storage (the
+    padding keeps it non-contiguous even when N = 1).
+    """
+    if layout == "bshd":
+        B, H, N, D = shape
+        return torch.randn(B, N, H, D + 8, device=device()).to(dtype)[..., :D].transpose(1, 2)
+    return torch.randn(*shape, device=device()).to(dtype)
+
+
+def qkv(B, Hq, Hkv, T, S, D, dtype, layout="contiguous"):
+    """Random ``q [B, Hq, T, D]``, ``k``, ``v [B, Hkv, S, D]``."""
+    return (
+        randn(B, Hq, T, D, dtype=dtype, layout=layout),
+        randn(B, Hkv, S, D, dtype=dtype, layout=layout),
+        randn(B, Hkv, S, D, dtype=dtype, layout=layout),
+    )
+
+
+def vectors(B, H, D, dtype):
+    """Random ``[B, H, D]`` (``prev_k`` / ``prev_v``)."""
+    return torch.randn(B, H, D, device=device()).to(dtype)
+
+
+def prefill_positions(B, T, pad=()):
+    """``[B, T]`` positions ``0..T-1``; sequence ``b`` left-padded by ``pad[b]`` slots of ``-1``."""
+    pos = torch.empty(B, T, dtype=torch.int64)
+    for b in range(B):
+        p = pad[b] if b < len(pad) else 0
+        pos[b, :p] = -1
+        pos[b, p:] = torch.arange(T - p)
+    return pos.to(device())
+
+
+def cache_positions(B, cache_slots, T, seen, holes=0, pad=()):
+    """Positions of a compacted cache of ``cache_slots`` slots followed by ``T`` new tokens.
+
+    The cache holds a random subset of positions ``< seen`` in shuffled slot order
+    (attention must not depend on slot order), with ``holes`` empty slots (-1)
+    scattered through it; sequence ``b`` of ``pad`` is left-padded: its first
+    ``pad[b]`` cache slots are -1 as well.
+    """
+    rows = []
+    for b in range(B):
+        p = pad[b] if b < len(pad) else 0
+        kept = cache_slots - holes - p
+        cache = torch.randperm(seen)[:kept]
+        cache = torch.cat([cache, torch.full((holes,), -1)])
+        cache = cache[torch.randperm(cache_slots - p)]
+        rows.append(torch.cat([torch.full((p,), -1), cache, torch.arange(seen, seen + T)]))
+    return torch.stack(rows).to(device())
+
+
+# --------------------------------------------------------------------------- #
+# Running and comparing
+# --------------------------------------------------------------------------- #
+
+
+@pytest.fixture
+def poisoned_allocations(monkeypatch):
+    """Make every float ``torch.empty`` NaN-filled while the kernels run."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        fresh = real_empty(*args, **kwargs)
+        return poisoned_like(fresh) if fresh.is_floating_point() else fresh
+
+    def run(*args, **kwargs):
+        with monkeypatch.context() as patch:
+            patch.setattr(torch, "empty", empty)
+            return attention.slot_attention(*args, **kwargs)
+
+    return run
+
+
+def check_against_twin(run, q, k, v, pos, **kwargs):
+    """Run the Triton kernel and the twin with the same arguments; compare everything."""
+    result = run(q, k, v, pos, **kwargs)
+    kwargs.pop("config", None)
+    expected = naive.slot_attention(q, k, v, pos, **kwargs)
+    dtype = q.dtype
+    assert result.out.dtype == q.dtype and result.out.is_contiguous()
+    assert_close_rms(result.out, expected.out, dtype, "out")
+    for name in ("dk", "dv"):
+        got, want = getattr(result, name), getattr(expected, name)
+        if want is None:
+            assert got is None, f"{name} returned without with_deltas"
+        else:
+            assert got.dtype == torch.float32
+            # Deltas are float32 differences of exactly-upcast inputs: tight in every dtype.
+            assert_close_rms(got, want, torch.float32, name)
+    if expected.lse is None:
+        assert result.lse is None
+    else:
+        assert result.lse.dtype == torch.float32
+        assert_close_rms(result.lse, expected.lse, dtype, "lse")
+    return result, expected
+
+
+def assert_blind_queries_are_zero(result, pos, T):
+    """Queries that see no key (padding) must give exactly 0 and, when asked, lse = -inf."""
+    blind = naive.visibility_mask(pos, T, None).sum(-1) == 0  # [B, T]
+    assert bool(blind.any()), "test setup: expected some blind queries"
+    out = result.out.float().permute(0, 2, 1, 3)  # [B, T, Hq, D]
+    assert bool((out[blind] == 0).all())
+    if result.lse is not None:
+        assert bool(torch.isneginf(result.lse.permute(0, 2, 1)[blind]).all())
+
+
+# --------------------------------------------------------------------------- #
+# The oracle itself
+# --------------------------------------------------------------------------- #
+
+
+def test_twin_matches_a_per_query_loop():
+    """naive.slot_attention against softmax written one query and one key at a time."""
+    torch.manual_seed(0)
+    B, Hq, Hkv, T, S, D, window = 2, 4, 2, 5, 11, 6, 4
+    q = torch.randn(B, Hq, T, D)
+    k = torch.randn(B, Hkv, S, D)
+    v = torch.randn(B, Hkv, S, D)
+    prev_k, prev_v = torch.randn(B, Hkv, D), torch.randn(B, Hkv, D)
+    pos = torch.tensor([[3, -1, 0, 5, 1, 2, 6, 7, 8, 9, 10], [-1, -1, -1, -1, -1, -1, -1, -1, 0, 1, 2]])
+    scale = 0.37
+    for win in (None, window):
+        got = naive.slot_attention(
+            q, k, v, pos, scale=scale, window=win, prev_k=prev_k, prev_v=prev_v, return_lse=True
+        )
+        for b in range(B):
+            for h in range(Hq):
+                kv = h // (Hq // Hkv)
+                for i in range(T):
+                    pq = int(pos[b, S - T + i])
+                    seen = [
+                        j for j in range(S)
+                        if pos[b, j] >= 0 and pos[b, j] <= pq and (win is None or pq - pos[b, j] < win)
+                    ]
+                    if not seen:
+                        assert bool((got.out[b, h, i] == 0).all())
+                        assert got.lse[b, h, i] == float("-inf")
+                        continue
+                    scores = [float(q[b, h, i] @ k[b, kv, j]) * scale for j in seen]
+                    top = max(scores)
+                    weights = [math.exp(s - top) for s in scores]
+                    total = sum(weights)
+                    out = sum(w / total * v[b, kv, j] for w, j in zip(weights, seen))
+                    torch.testing.assert_close(got.out[b, h, i], out, rtol=1e-5, atol=1e-5)
+                    assert math.isclose(float(got.lse[b, h, i]), top + math.log(total), rel_tol=1e-5)
+        for b in range(B):
+            for h in range(Hkv):
+                for t in range(T):
+                    slot = S - T + t
+                    before_k = prev_k[b, h] if t == 0 else k[b, h, slot - 1]
+                    before_v = prev_v[b, h] if t == 0 else v[b, h, slot - 1]
+                    assert math.isclose(float(got.dk[b, h, t]), float((k[b, h, slot] - before_k).norm()), rel_tol=1e-5)
+                    assert math.isclose(float(got.dv[b, h, t]), float((v[b, h, slot] - before_v).norm()), rel_tol=1e-5)
+    without_prev = naive.slot_attention(q, k, v, pos)
+    assert bool(torch.isnan(without_prev.dk[:, :, 0]).all()) and not bool(torch.isnan(without_prev.dk[:, :, 1:]).any())
+
+
+# --------------------------------------------------------------------------- #
+# Prefill (S == T)
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize(
+    "T, Hq, Hkv, D",
+    [
+        (1, 4, 4, 64),     # one token: G = 1, decode config space
+        (63, 4, 1, 64),    # G = 4, one row block short of a tile
+        (129, 8, 1, 128),  # G = 8, rows cross several row blocks
+        (200, 3, 1, 8),    # G = 3 (not a power of two), tiny head dim
+        (20, 2, 1, 256),   # the largest head dim the Triton path takes
+    ],
+)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prefill(poisoned_allocations, T, Hq, Hkv, D, dtype):
+    torch.manual_seed(T)
+    q, k, v = qkv(1, Hq, Hkv, T, T, D, dtype)
+    pos = prefill_positions(1, T)
+    check_against_twin(poisoned_allocations, q, k, v, pos, return_lse=True)
+
+
+def test_prefill_left_padding(poisoned_allocations):
+    """Batch of 3: unpadded, left-padded, and entirely padding (every query blind)."""
+    torch.manual_seed(1)
+    B, Hq, Hkv, T, D = 3, 4, 2, 40, 64
+    q, k, v = qkv(B, Hq, Hkv, T, T, D, torch.float32)
+    pos = prefill_positions(B, T, pad=(0, 13, T))
+    result, _ = check_against_twin(poisoned_allocations, q, k, v, pos, return_lse=True)
+    assert_blind_queries_are_zero(result, pos, T)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_prefill_sliding_window(poisoned_allocations, dtype):
+    torch.manual_seed(2)
+    B, Hq, Hkv, T, D = 2, 2, 1, 100, 64
+    q, k, v = qkv(B, Hq, Hkv, T, T, D, dtype)
+    pos = prefill_positions(B, T, pad=(0, 7))
+    check_against_twin(poisoned_allocations, q, k, v, pos, window=16, return_lse=True)
+
+
+def test_custom_scale_with_large_scores(poisoned_allocations):
+    """Scores in the hundreds: the online softmax must rescale without overflow."""
+    torch.manual_seed(3)
+    T, D = 70, 64
+    q, k, v = qkv(1, 2, 2, T, T, D, torch.float32)
+    check_against_twin(poisoned_allocations, q * 4, k * 4, v, prefill_positions(1, T), scale=1.0, return_lse=True)
+
+
+# --------------------------------------------------------------------------- #
+# Chunked prefill and decode (cache slots + new tokens)
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D, Hq, Hkv", [(64, 8, 2), (80, 3, 1), (128, 2, 2)])
+def test_chunked_prefill(poisoned_allocations, dtype, D, Hq, Hkv):
+    """90 cache slots (shuffled, with holes) + 37 new tokens, prev_k/prev_v given."""
+    torch.manual_seed(D)
+    B, C, T = 1, 90, 37
+    S = C + T
+    q, k, v = qkv(B, Hq, Hkv, T, S, D, dtype)
+    pos = cache_positions(B, C, T, seen=150, holes=9)
+    prev_k, prev_v = vectors(B, Hkv, D, dtype), vectors(B, Hkv, D, dtype)
+    check_against_twin(poisoned_allocations, q, k, v, pos, prev_k=prev_k, prev_v=prev_v, return_lse=True)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_chunked_prefill_window_and_padding(poisoned_allocations, num_splits):
+    """Left-padded sequence next to a full one, sliding window shorter than the chunk.
+
+    Small tiles (64 rows x 32 keys) and 2 forced splits of 64 keys: the first
+    row block's causal bound (slot 56) ends before the second split starts, so
+    that program runs no iteration and must still write an empty partial.
+    """
+    torch.manual_seed(4)
+    B, Hq, Hkv, C, T, D = 2, 4, 1, 40, 30, 64
+    S = C + T
+    q, k, v = qkv(B, Hq, Hkv, T, S, D, torch.float16)
+    pos = cache_positions(B, C, T, seen=60, holes=5, pad=(0, 20))
+    small_tiles = next(c for c in PREFILL_CONFIGS if c.kwargs == {"BLOCK_M": 64, "BLOCK_N": 32})
+    check_against_twin(
+        poisoned_allocations, q, k, v, pos, window=24, prev_k=k[:, :, 0], prev_v=v[:, :, 0], return_lse=True,
+        num_splits=num_splits, config=small_tiles,
+    )
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, 7])
+@pytest.mark.parametrize("Hq, Hkv", [(8, 2), (8, 1), (2, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode(poisoned_allocations, num_splits, Hq, Hkv, dtype):
+    """One new token over 299 cache slots (not a multiple of any split or tile)."""
+    torch.manual_seed(num_splits * 10 + Hkv)
+    B, C, D = 2, 299, 64
+    S = C + 1
+    q, k, v = qkv(B, Hq, Hkv, 1, S, D, dtype)
+    pos = cache_positions(B, C, 1, seen=400, holes=30, pad=(0, 100))
+    prev = vectors(B, Hkv, D, dtype)
+    check_against_twin(
+        poisoned_allocations, q, k, v, pos, prev_k=prev, prev_v=prev, num_splits=num_splits, return_lse=True
+    )
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_window_and_blind_query(poisoned_allocations, num_splits):
+    """Sliding-window decode; sequence 1 is a padding query that sees nothing."""
+    torch.manual_seed(5)
+    B, Hq, Hkv, C, D = 2, 4, 1, 250, 64
+    S = C + 1
+    q, k, v = qkv(B, Hq, Hkv, 1, S, D, torch.float16)
+    pos = cache_positions(B, C, 1, seen=300, holes=10)
+    pos[1, -1] = -1
+    result, _ = check_against_twin(
+        poisoned_allocations, q, k, v, pos, window=120, num_splits=num_splits, return_lse=True
+    )
+    assert_blind_queries_are_zero(result, pos, 1)
+
+
+def test_split_with_nothing_visible_in_some_splits(poisoned_allocations):
+    """Splits whose keys are all empty slots must weigh 0 in the merge, not NaN."""
+    torch.manual_seed(6)
+    B, Hq, Hkv, S, D = 1, 4, 2, 260, 64
+    q, k, v = qkv(B, Hq, Hkv, 1, S, D, torch.float32)
+    pos = torch.full((B, S), -1, dtype=torch.int32, device=device())
+    pos[:, 200:210] = torch.arange(10, dtype=torch.int32)
+    pos[:, -1] = 10
+    check_against_twin(poisoned_allocations, q, k, v, pos, num_splits=4, return_lse=True)
+
+
+# --------------------------------------------------------------------------- #
+# Strides, options, deltas
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("T", [1, 45])
+def test_non_contiguous_inputs(poisoned_allocations, T):
+    """q/k/v as transposed views of [B, N, H, D] storage, pos and prev_* as strided slices."""
+    torch.manual_seed(7)
+    B, Hq, Hkv, C, D = 2, 4, 2, 50, 64
+    S = C + T
+    q, k, v = qkv(B, Hq, Hkv, T, S, D, torch.float16, layout="bshd")
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    wide = torch.zeros(B, 2 * S, dtype=torch.int32, device=device())
+    pos = wide[:, ::2]
+    pos.copy_(cache_positions(B, C, T, seen=70, holes=4, pad=(0, 9)))
+    prev_k = vectors(B, 2 * Hkv, D, torch.float32)[:, ::2]  # another dtype, like a float32 state
+    prev_v = vectors(B, Hkv, 2 * D, torch.float16)[:, :, ::2]
+    check_against_twin(poisoned_allocations, q, k, v, pos, prev_k=prev_k, prev_v=prev_v, return_lse=True)
+
+
+def test_without_deltas_and_lse(poisoned_allocations):
+    torch.manual_seed(8)
+    T, D = 33, 64
+    q, k, v = qkv(1, 4, 2, T, T, D, torch.float32)
+    result, _ = check_against_twin(poisoned_allocations, q, k, v, prefill_positions(1, T), with_deltas=False)
+    assert result.dk is None and result.dv is None and result.lse is None
+
+
+def test_prev_key_without_prev_value(poisoned_allocations):
+    """Only the key has a predecessor: dk[t=0] is a number, dv[t=0] stays NaN."""
+    torch.manual_seed(9)
+    T, D = 20, 64
+    q, k, v = qkv(1, 2, 2, T, T + 5, D, torch.float32)
+    pos = cache_positions(1, 5, T, seen=5)
+    prev_k = vectors(1, 2, D, torch.float32)
+    result, _ = check_against_twin(poisoned_allocations, q, k, v, pos, prev_k=prev_k)
+    assert not bool(torch.isnan(result.dk).any())
+    assert bool(torch.isnan(result.dv[:, :, 0]).all()) and not bool(torch.isnan(result.dv[:, :, 1:]).any())
+
+
+def test_deltas_ignore_padding_and_cache(poisoned_allocations):
+    """Deltas are over the raw new keys (padding included), never the cache before them."""
+    torch.manual_seed(10)
+    T, D = 12, 8
+    q, k, v = qkv(2, 2, 1, T, T + 3, D, torch.float32)
+    pos = cache_positions(2, 3, T, seen=3, pad=(0, 3))
+    result, _ = check_against_twin(poisoned_allocations, q, k, v, pos)
+    new_k = k[:, :, 3:].float()
+    torch.testing.assert_close(result.dk[:, :, 1:], (new_k[:, :, 1:] - new_k[:, :, :-1]).norm(dim=-1))
+    assert bool(torch.isnan(result.dk[:, :, 0]).all())
+
+
+# --------------------------------------------------------------------------- #
+# Every autotune config, launched explicitly
+# --------------------------------------------------------------------------- #
+
+
+def config_id(config):
+    return f"M{config.kwargs['BLOCK_M']}-N{config.kwargs['BLOCK_N']}-w{config.num_warps}-s{config.num_stages}"
+
+
+@pytest.mark.parametrize("config", PREFILL_CONFIGS, ids=config_id)
+def test_every_prefill_config(poisoned_allocations, config):
+    torch.manual_seed(11)
+    B, Hq, Hkv, C, T, D = 1, 2, 1, 40, 70, 64
+    S = C + T
+    q, k, v = qkv(B, Hq, Hkv, T, S, D, torch.float16)
+    pos = cache_positions(B, C, T, seen=60, holes=6)
+    check_against_twin(
+        poisoned_allocations, q, k, v, pos, window=50, prev_k=k[:, :, 0], prev_v=v[:, :, 0], return_lse=True,
+        config=config,
+    )
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("config", DECODE_CONFIGS, ids=config_id)
+def test_every_decode_config(poisoned_allocations, config, num_splits):
+    torch.manual_seed(12)
+    B, Hq, Hkv, C, D = 1, 8, 2, 299, 64
+    S = C + 1
+    q, k, v = qkv(B, Hq, Hkv, 1, S, D, torch.float16)
+    pos = cache_positions(B, C, 1, seen=350, holes=20)
+    check_against_twin(poisoned_allocations, q, k, v, pos, num_splits=num_splits, return_lse=True, config=config)
+
+
+def test_config_spaces_are_well_formed():
+    decode_rows = attention.DECODE_MAX_ROWS
+    for space, min_rows in ((PREFILL_CONFIGS, decode_rows + 1), (DECODE_CONFIGS, decode_rows)):
+        assert 1 <= len(space) <= 8
+        assert len({(str(c.kwargs), c.num_warps, c.num_stages) for c in space}) == len(space), "duplicate config"
+        for config in space:
+            assert set(config.kwargs) == {"BLOCK_M", "BLOCK_N"}
+            assert config.kwargs["BLOCK_M"] >= 16 and config.kwargs["BLOCK_N"] >= 16  # tl.dot minimum
+            # Decode: one row block covers a whole step; prefill tiles are bigger still.
+            assert config.kwargs["BLOCK_M"] >= min_rows
+
+
+# --------------------------------------------------------------------------- #
+# Heuristics
+# --------------------------------------------------------------------------- #
+
+
+def test_split_heuristic(monkeypatch):
+    monkeypatch.setattr(attention, "_multiprocessor_count", lambda index: 132)
+    gpu = torch.device("cuda", 0)
+    # Batch 1, 8 KV heads, 32k cache: 264 programs wanted -> 33 splits of ~1k keys.
+    assert attention.choose_num_splits(8, 4, 32768, gpu) == 33
+    # A short cache: each split keeps at least 256 keys.
+    assert attention.choose_num_splits(8, 4, 1000, gpu) == 3
+    # The batch already fills the GPU.
+    assert attention.choose_num_splits(64 * 8, 4, 32768, gpu) == 1
+    # Prefill rows never split; neither does the CPU.
+    assert attention.choose_num_splits(8, 512, 32768, gpu) == 1
+    assert attention.choose_num_splits(8, 4, 32768, torch.device("cpu")) == 1
+    assert attention.uses_decode_space(16) and not attention.uses_decode_space(17)
+
