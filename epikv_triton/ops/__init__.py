@@ -1,6 +1,6 @@
 """The epikv_triton kernel set: plain tensors in and out, no transformers.
 
-Four ops, each with a Triton kernel and a PyTorch twin in :mod:`.naive`:
+Five ops, each with a Triton kernel and a PyTorch twin in :mod:`.naive`:
 
 * :func:`slot_attention` — fused attention of new tokens over a slot cache,
   emitting the per-new-key delta norms ``‖k_t − k_{t−1}‖``, ``‖v_t − v_{t−1}‖``.
@@ -9,6 +9,9 @@ Four ops, each with a Triton kernel and a PyTorch twin in :mod:`.naive`:
 * :func:`select_slots` / :func:`compact_slots_` (or both at once,
   :func:`evict_`) — budgeted selection and in-place compaction of every
   layer's K and V plus the slot metadata.
+* :func:`attention_column_sums` — the H2O score without the attention matrix:
+  pass 2 of a two-pass kernel whose pass 1 is :func:`slot_attention` with
+  ``return_lse=True``; exact column sums of the attention probabilities.
 
 Backend: Triton when the tensors are on a GPU or ``TRITON_INTERPRET=1``,
 otherwise the PyTorch twin. ``EPIKV_BACKEND=triton|torch`` forces one. A
@@ -24,7 +27,7 @@ from typing import Sequence
 import torch
 
 from . import naive
-from ._checks import check_attention, check_compact, check_select, check_zscore
+from ._checks import check_attention, check_column_sums, check_compact, check_select, check_zscore
 from .naive import AttentionResult
 
 MAX_TRITON_HEAD_DIM = 256
@@ -81,6 +84,33 @@ def slot_attention(
 
         return triton_attention(q, k, v, pos, **kwargs)
     return naive.slot_attention(q, k, v, pos, **kwargs)
+
+
+def attention_column_sums(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    pos: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    scale: float | None = None,
+    window: int | None = None,
+    check_positions: bool = True,
+) -> torch.Tensor:
+    """H2O scores: attention probability per key slot, summed over queries and group heads.
+
+    ``q [B, Hq, T, D]``, ``k [B, Hkv, S, D]`` (one float dtype; the last ``T``
+    slots are the new tokens), ``pos [B, S]`` and ``window`` exactly as passed to
+    :func:`slot_attention`, and ``lse [B, Hq, T]`` float32 from that call
+    (``return_lse=True``). Returns ``[B, Hkv, S]`` float32; see
+    :func:`.naive.attention_column_sums`. The Triton path never materialises
+    the attention matrix. ``check_positions`` as for :func:`slot_attention`.
+    """
+    check_column_sums(q, k, pos, lse, window, check_positions)
+    if backend_for(q) == "triton" and q.shape[-1] <= MAX_TRITON_HEAD_DIM:
+        from .h2o import attention_column_sums as triton_column_sums
+
+        return triton_column_sums(q, k, pos, lse, scale=scale, window=window)
+    return naive.attention_column_sums(q, k, pos, lse, scale=scale, window=window)
 
 
 def rolling_zscore(
@@ -148,6 +178,7 @@ def evict_(
 
 __all__ = [
     "AttentionResult",
+    "attention_column_sums",
     "backend_for",
     "compact_slots_",
     "evict_",

@@ -157,3 +157,39 @@ def check_compact(kv: torch.Tensor, pos: torch.Tensor, scores: torch.Tensor, kee
     require_shape("scores", scores, (B, S), "[B, S] like pos")
     if keep.shape[0] != B or keep.shape[1] > S:
         raise ValueError(f"keep must have shape [B, K] with B={B} and K <= S={S}; got {tuple(keep.shape)}")
+
+
+def check_column_sums(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    pos: torch.Tensor,
+    lse: torch.Tensor,
+    window: int | None,
+    check_positions: bool,
+) -> None:
+    """Inputs of ``attention_column_sums``: ``q``/``k``/``pos`` as for attention, ``lse [B, Hq, T]`` float32."""
+    require_tensor("q", q, 4, FLOAT_DTYPES)
+    require_tensor("k", k, 4, FLOAT_DTYPES)
+    require_tensor("pos", pos, 2, INT_DTYPES)
+    require_tensor("lse", lse, 3, (torch.float32,))
+    require_same_device(q=q, k=k, pos=pos, lse=lse)
+    if q.dtype != k.dtype:
+        raise ValueError(f"q and k must share one dtype; got {q.dtype} and {k.dtype}")
+    B, Hq, T, D = q.shape
+    if k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(
+            f"k must have shape [B, Hkv, S, D] with B={B} and D={D} taken from q [B, Hq, T, D]; got {tuple(k.shape)}"
+        )
+    Hkv, S = k.shape[1], k.shape[2]
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of key heads ({Hkv}) for grouped-query attention")
+    if T == 0:
+        raise ValueError("q has no tokens (T = 0)")
+    if S < T:
+        raise ValueError(f"k has {S} slots but q has {T} tokens: the last T key slots must hold the new tokens' keys")
+    require_shape("pos", pos, (B, S), "[B, S]")
+    require_shape("lse", lse, (B, Hq, T), "[B, Hq, T] like q (slot_attention's lse)")
+    if window is not None and (not isinstance(window, int) or window < 1):
+        raise ValueError(f"window must be a positive int or None, got {window!r}")
+    if check_positions:
+        check_query_positions(pos, T)

@@ -215,6 +215,42 @@ def compact_slots_(
     scores[:, K:] = float("nan")
 
 
+def attention_column_sums(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    pos: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    scale: float | None = None,
+    window: int | None = None,
+) -> torch.Tensor:
+    """H2O column sums: the attention probability each key slot receives, summed.
+
+    ``q``: ``[B, Hq, T, D]``; ``k``: ``[B, Hkv, S, D]`` (one float dtype, the last
+    ``T`` slots are the queries' keys); ``pos``: ``[B, S]`` int (see
+    :func:`visibility_mask`); ``lse``: ``[B, Hq, T]`` float32 natural-log row
+    normalisers, as :func:`slot_attention` returns them (``-inf``: the query saw
+    nothing and contributes nothing).
+
+    Returns ``[B, Hkv, S]`` float32: for each key slot ``j``,
+    ``Σ_{t, g} exp(scale · q[g, t] · k[j] − lse[g, t])`` over the ``T`` queries and
+    the ``G = Hq / Hkv`` query heads of its kv group, over visible pairs only.
+    Materialises the ``[B, Hq, T, S]`` probabilities (the eager H2O baseline).
+    """
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    group = Hq // Hkv
+    scale = D**-0.5 if scale is None else scale
+    keys = k.float().repeat_interleave(group, dim=1)
+    scores = torch.matmul(q.float(), keys.transpose(-1, -2)) * scale
+    sees_something = torch.isfinite(lse)
+    seen = visibility_mask(pos, T, window)[:, None] & sees_something[..., None]
+    normaliser = lse.float().masked_fill(~sees_something, 0.0)
+    # Masked before the exponent: a hidden pair may score far above lse.
+    probs = torch.exp(torch.where(seen, scores - normaliser[..., None], float("-inf")))
+    return probs.sum(dim=2).view(B, Hkv, group, S).sum(dim=2)
+
+
 def _per_sequence(value: int | Sequence[int], batch: int, device: torch.device) -> torch.Tensor:
     if isinstance(value, int):
         return torch.full((batch,), value, dtype=torch.int64, device=device)
@@ -223,6 +259,7 @@ def _per_sequence(value: int | Sequence[int], batch: int, device: torch.device) 
 
 __all__ = [
     "AttentionResult",
+    "attention_column_sums",
     "slot_attention",
     "compact_slots_",
     "delta_norms",

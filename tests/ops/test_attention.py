@@ -14,7 +14,7 @@ import torch
 
 from epikv_triton.ops import attention, naive
 from epikv_triton.ops.attention import DECODE_CONFIGS, PREFILL_CONFIGS
-from tests.helpers import assert_close_rms, device, poisoned_like
+from tests.helpers import assert_close_rms, cache_positions, device, poisoned_like, prefill_positions, randn
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -24,16 +24,6 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # --------------------------------------------------------------------------- #
 
 
-def randn(*shape, dtype, layout="contiguous"):
-    """Random ``[B, H, N, D]`` tensor.
-
-    ``layout="bshd"``: a transposed view of ``[B, N, H, D + 8]`` storage (the
-    padding keeps it non-contiguous even when N = 1).
-    """
-    if layout == "bshd":
-        B, H, N, D = shape
-        return torch.randn(B, N, H, D + 8, device=device()).to(dtype)[..., :D].transpose(1, 2)
-    return torch.randn(*shape, device=device()).to(dtype)
 
 
 def qkv(B, Hq, Hkv, T, S, D, dtype, layout="contiguous"):
@@ -50,33 +40,8 @@ def vectors(B, H, D, dtype):
     return torch.randn(B, H, D, device=device()).to(dtype)
 
 
-def prefill_positions(B, T, pad=()):
-    """``[B, T]`` positions ``0..T-1``; sequence ``b`` left-padded by ``pad[b]`` slots of ``-1``."""
-    pos = torch.empty(B, T, dtype=torch.int64)
-    for b in range(B):
-        p = pad[b] if b < len(pad) else 0
-        pos[b, :p] = -1
-        pos[b, p:] = torch.arange(T - p)
-    return pos.to(device())
 
 
-def cache_positions(B, cache_slots, T, seen, holes=0, pad=()):
-    """Positions of a compacted cache of ``cache_slots`` slots followed by ``T`` new tokens.
-
-    The cache holds a random subset of positions ``< seen`` in shuffled slot order
-    (attention must not depend on slot order), with ``holes`` empty slots (-1)
-    scattered through it; sequence ``b`` of ``pad`` is left-padded: its first
-    ``pad[b]`` cache slots are -1 as well.
-    """
-    rows = []
-    for b in range(B):
-        p = pad[b] if b < len(pad) else 0
-        kept = cache_slots - holes - p
-        cache = torch.randperm(seen)[:kept]
-        cache = torch.cat([cache, torch.full((holes,), -1)])
-        cache = cache[torch.randperm(cache_slots - p)]
-        rows.append(torch.cat([torch.full((p,), -1), cache, torch.arange(seen, seen + T)]))
-    return torch.stack(rows).to(device())
 
 
 # --------------------------------------------------------------------------- #

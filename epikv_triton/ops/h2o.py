@@ -1,0 +1,228 @@
+"""Triton kernel: exact H2O attention column sums without the attention matrix.
+
+Pass 2 of the two-pass H2O score. Pass 1 is the attention forward itself,
+:func:`epikv_triton.ops.slot_attention` with ``return_lse=True``, which yields
+each query row's natural-log normaliser ``lse``. With it every probability is
+known in closed form, ``p_ij = exp(scale · q_i · k_j − lse_i)``, so this pass
+recomputes the score tiles and sums them over queries, one key block at a time.
+One pass cannot do it: inside a FlashAttention loop the probabilities are only
+known relative to a running maximum that later keys may still raise.
+
+Same contract as :func:`epikv_triton.ops.naive.attention_column_sums`:
+
+* ``q``: ``[B, Hq, T, D]``; ``k``: ``[B, Hkv, S, D]``; one dtype among fp16,
+  bf16, fp32; ``Hq = G · Hkv``; any strides. The last ``T`` key slots hold the
+  queries' own keys.
+* ``pos``: ``[B, S]`` int32/int64, ``-1`` = empty/padding slot; query ``i`` has
+  position ``pos[:, S − T + i]``. Visibility is the library's one rule
+  (:func:`~epikv_triton.ops.naive.visibility_mask`).
+* ``lse``: ``[B, Hq, T]`` float32, any strides (what ``slot_attention`` returns);
+  a row with ``lse = −inf`` saw no key and contributes nothing.
+* Returns ``[B, Hkv, S]`` float32, contiguous: for every key slot the summed
+  probability over the ``T`` queries and the ``G`` query heads of its group.
+
+How the work is cut (the transpose of the forward kernel, like a FlashAttention
+backward's dK/dV pass):
+
+* Grid ``(cdiv(S, BLOCK_N), B · Hkv)``: a program owns ``BLOCK_N`` key slots of
+  one (batch, kv head), keeps their K tile in registers and walks the packed
+  query rows ``r = t · G + g`` (new token ``t``, head ``g`` of the group) in
+  blocks of ``BLOCK_M``, so every K tile serves all ``G`` heads and each column
+  sum is owned by exactly one program (no atomics, deterministic).
+* Causal skip: key slot ``S − T + t'`` is a new token, seen only by tokens
+  ``t ≥ t'`` (the new tokens' positions strictly increase), so the row walk of a
+  key block starts at the first token that could see it. With a sliding window,
+  a block made only of new tokens ``t0..t1`` is also invisible to every token
+  ``t ≥ t1 + window``, so the walk ends there. Cache slots can hold any
+  position and are always walked against every query.
+* Scores are formed exactly as the forward kernel forms them (same ``tl.dot``
+  precision, base-2 exponent with ``log2(e)`` folded into the scale), so the
+  probabilities agree with the ``lse`` they are normalised by.
+
+Cost per (batch, kv head): ``2 · T · G · S · D`` FLOPs of ``QKᵀ`` (half the
+forward's, halved again by the causal skip for a square prefill) and ``T · G · S``
+exponentials; minimal bytes ``(S + T · G) · D · itemsize + 4 · (T · G + S)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton_support import INTERPRET, autotune, launch_options
+
+LOG2_E = 1.4426950408889634
+
+# GPU tuning space. BLOCK_N is the resident key tile (like the K/V tile of a
+# FlashAttention backward), BLOCK_M the streamed query-row tile. Prefill is
+# compute bound (QKᵀ plus one exponential per element), so large tiles with
+# pipelined Q loads; decode has only G rows per (batch, kv head) and is bound by
+# reading K once, so BLOCK_M = 16 (the smallest tile tl.dot takes) with long key
+# tiles. Configs that do not fit a head dim (D = 256 with 128×128 tiles) fail to
+# compile and are skipped by the autotuner.
+COLUMN_SUM_CONFIGS = [
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 128}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 256}, num_warps=8, num_stages=2),
+]
+
+# The interpreter runs one config; big tiles mean fewer interpreted iterations.
+COLUMN_SUM_INTERPRET_CONFIG = triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=4, num_stages=1)
+
+AUTOTUNE_KEY = ["BLOCK_D", "G", "ROWS_BUCKET", "KEYS_BUCKET", "HAS_WINDOW"]
+
+
+# --------------------------------------------------------------------------- #
+# Kernel
+# --------------------------------------------------------------------------- #
+
+
+@triton.jit
+def _column_sums_kernel(
+    Q, K, POS, LSE, OUT,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_pb, stride_ps,
+    stride_lb, stride_lh, stride_lt,
+    T, S, D, G, Hkv,
+    qk_scale, window,
+    ROWS_BUCKET, KEYS_BUCKET,  # autotune key only
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    # 64-bit bases: batch * batch-stride overflows int32 for long caches.
+    b = (pid_bh // Hkv).to(tl.int64)
+    kv_head = (pid_bh % Hkv).to(tl.int64)
+    num_rows = T * G
+    first_new_slot = S - T
+
+    block_start = pid_n * BLOCK_N
+    keys = block_start + tl.arange(0, BLOCK_N)
+    key_valid = keys < S
+    dims = tl.arange(0, BLOCK_D)
+    dim_valid = dims < D
+
+    pos_row = POS + b * stride_pb
+    # Slots past the end read position -1: never visible, never stored.
+    pos_k = tl.load(pos_row + keys * stride_ps, mask=key_valid, other=-1)
+    # K is loaded transposed ([D, N]) so each score tile is a plain q @ k_t.
+    k_t = tl.load(
+        K + b * stride_kb + kv_head * stride_kh + keys[None, :] * stride_ks + dims[:, None] * stride_kd,
+        mask=key_valid[None, :] & dim_valid[:, None], other=0.0,
+    )
+    if UPCAST:
+        k_t = k_t.to(tl.float32)
+
+    # Token range that can see any key of this block (see the module docstring).
+    first_key_token = block_start - first_new_slot
+    token_lo = tl.maximum(first_key_token, 0)
+    token_hi = T
+    if HAS_WINDOW:
+        last_key_token = tl.minimum(block_start + BLOCK_N, S) - 1 - first_new_slot
+        token_hi = tl.where(first_key_token >= 0, tl.minimum(T, last_key_token + window), T)
+
+    q_base = Q + b * stride_qb
+    lse_base = LSE + b * stride_lb
+    column_sums = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for row_start in range(token_lo * G, token_hi * G, BLOCK_M):
+        rows = row_start + tl.arange(0, BLOCK_M)
+        row_valid = rows < num_rows
+        token = rows // G
+        q_head = kv_head * G + rows % G
+        # Rows past the end read position -1 and lse -inf: they see nothing.
+        pos_q = tl.load(pos_row + (first_new_slot + token) * stride_ps, mask=row_valid, other=-1)
+        lse = tl.load(lse_base + q_head * stride_lh + token * stride_lt, mask=row_valid, other=float("-inf"))
+        q = tl.load(
+            q_base + q_head[:, None] * stride_qh + token[:, None] * stride_qt + dims[None, :] * stride_qd,
+            mask=row_valid[:, None] & dim_valid[None, :], other=0.0,
+        )
+        if UPCAST:
+            q = q.to(tl.float32)
+
+        scores = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
+        # A blind row (lse = -inf) gets +inf as its normaliser: exp2(s - inf) = 0,
+        # never inf or NaN, before the mask even applies.
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        # The masking rule, applied to every tile: positions are the only truth.
+        visible = (pos_k[None, :] >= 0) & (pos_k[None, :] <= pos_q[:, None])
+        if HAS_WINDOW:
+            visible = visible & ((pos_q[:, None] - pos_k[None, :]) < window)
+        # Masked before the exponent: a hidden pair may score far above lse.
+        probs = tl.exp2(tl.where(visible, scores - lse2[:, None], float("-inf")))
+        column_sums += tl.sum(probs, axis=0)
+
+    # Every slot of the block is written, 0 where nothing looked at it.
+    tl.store(OUT + pid_bh.to(tl.int64) * S + keys, column_sums, mask=key_valid)
+
+
+_column_sums_autotuned = autotune(COLUMN_SUM_CONFIGS, AUTOTUNE_KEY, COLUMN_SUM_INTERPRET_CONFIG)(_column_sums_kernel)
+
+
+def _bucket(n: int) -> int:
+    """Power-of-two bucket for autotune keys, so decode does not retune every step."""
+    return triton.next_power_of_2(max(n, 1))
+
+
+# --------------------------------------------------------------------------- #
+# Launcher
+# --------------------------------------------------------------------------- #
+
+
+def attention_column_sums(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    pos: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    scale: float | None = None,
+    window: int | None = None,
+    config: triton.Config | None = None,
+) -> torch.Tensor:
+    """Triton twin of :func:`epikv_triton.ops.naive.attention_column_sums` (inputs already validated).
+
+    Returns ``[B, Hkv, S]`` float32. ``config`` launches that config instead of
+    autotuning (tests use it to run every config of :data:`COLUMN_SUM_CONFIGS`).
+    """
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    scale = D**-0.5 if scale is None else float(scale)
+    out = torch.empty((B, Hkv, S), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out
+
+    args = (
+        q, k, pos, lse, out,
+        *q.stride(), *k.stride(), *pos.stride(), *lse.stride(),
+        T, S, D, G, Hkv,
+        scale * LOG2_E, window if window is not None else 0,
+        _bucket(T * G), _bucket(S),
+    )
+    constants = dict(
+        BLOCK_D=max(16, triton.next_power_of_2(D)),
+        HAS_WINDOW=window is not None,
+        UPCAST=INTERPRET,
+        # Must match the forward kernel's scores, or exp(s − lse) drifts from
+        # the probabilities lse normalised (tf32 only matters for fp32 inputs).
+        DOT_PRECISION="ieee" if (q.dtype == torch.float32 or INTERPRET) else "tf32",
+    )
+
+    def grid(meta: dict) -> tuple[int, int]:
+        return (triton.cdiv(S, meta["BLOCK_N"]), B * Hkv)
+
+    if config is not None:
+        _column_sums_kernel[grid](*args, **constants, **launch_options(config))
+    else:
+        _column_sums_autotuned[grid](*args, **constants)
+    return out
+
+
+__all__ = ["COLUMN_SUM_CONFIGS", "attention_column_sums"]
