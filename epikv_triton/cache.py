@@ -1,0 +1,304 @@
+"""SlotCache: a bounded KV cache of preallocated slots, transformers-free.
+
+One buffer holds every layer's keys and values, ``kv [2, L, B, Hkv, capacity, D]``,
+so one :func:`ops.compact_slots_` call compacts all layers (as the
+``[2L, B, Hkv, fill, D]`` view). Per slot: ``pos [B, capacity]`` int64 absolute
+position (``-1`` = empty or padding) and ``scores [B, capacity]`` float32.
+
+A forward pass is one *chunk* of ``T`` new tokens per sequence:
+``begin_chunk(positions)`` -> per layer ``write`` then ``attend`` (and
+``observe_hidden`` for residual-stream signals) -> ``end_chunk()``, which
+fixes the new tokens' scores and evicts when the cache holds
+``budget + evict_every`` tokens or more. New tokens are written in place at
+``[fill, fill + T)``; nothing is concatenated.
+
+Capacity is ``budget + evict_every`` slots, enough for decoding and for any
+chunk of at most ``evict_every`` tokens; a chunk that does not fit even after
+evicting grows the buffers once, to exactly what it needs (``budget + T``).
+``full`` (no eviction) grows geometrically instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from . import ops
+from .config import EpiKVConfig
+from .scoring import AttentionView, ChunkInfo, make_scorer
+
+
+@dataclass(frozen=True)
+class SequenceStats:
+    """One sequence of the batch: real tokens only (padding is never counted)."""
+
+    tokens_seen: int
+    tokens_kept: int
+    tokens_evicted: int
+    kv_bytes: int
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """``sequences``: per sequence; the rest is the physical buffer shared by the batch."""
+
+    sequences: list[SequenceStats]
+    slots_used: int
+    peak_slots_used: int
+    capacity: int
+    allocated_bytes: int
+    eviction_passes: int
+
+
+class SlotCache:
+    """Bounded KV cache with per-slot positions and scores; see the module docstring."""
+
+    def __init__(self, config: EpiKVConfig, num_layers: int, prompt_lengths: Sequence[int] | None = None):
+        self.config = config
+        self.num_layers = num_layers
+        self.declared_prompt_lengths = None if prompt_lengths is None else [int(n) for n in prompt_lengths]
+        if config.keep_prompt and config.evicts and self.declared_prompt_lengths is not None:
+            check_prompt_fits(config, self.declared_prompt_lengths)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything: the next chunk starts a new stream."""
+        self.scorer = make_scorer(self.config, self.num_layers)
+        self.kv: torch.Tensor | None = None
+        self.pos: torch.Tensor | None = None
+        self.scores: torch.Tensor | None = None
+        self.prev_kv: torch.Tensor | None = None  # [2, L, B, Hkv, D]: last key/value of the previous chunk
+        self.fill = 0
+        self.peak_fill = 0
+        self.stream_length = 0  # tokens seen per sequence, padding included (the mask's width)
+        self.seen: torch.Tensor | None = None  # [B] real tokens seen
+        self.last_valid: torch.Tensor | None = None  # [B] last token seen was real
+        self.tokens_evicted: torch.Tensor | None = None
+        self.eviction_passes = 0
+        self.prompt_lengths = self.declared_prompt_lengths
+        self.chunk: ChunkInfo | None = None
+        self.start = 0
+
+    # ----------------------------------------------------------------- chunks
+    def next_positions(
+        self,
+        batch: int,
+        num_tokens: int,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        device: torch.device | None = None,
+    ) -> torch.Tensor:
+        """``[B, T]`` positions of the next chunk, ``-1`` for padding.
+
+        ``attention_mask`` (2D, ``0`` = padding) may cover the whole stream or
+        just the new tokens; its last ``T`` columns are used. ``position_ids``
+        win when given; otherwise a real token's position is the number of real
+        tokens before it in its sequence (what ``generate`` computes).
+        """
+        if attention_mask is None:
+            valid = torch.ones(batch, num_tokens, dtype=torch.bool, device=device)
+        else:
+            if attention_mask.shape[-1] < num_tokens:
+                raise ValueError(
+                    f"attention_mask has {attention_mask.shape[-1]} columns but the chunk has {num_tokens} tokens"
+                )
+            valid = attention_mask[:, -num_tokens:].bool()
+        if position_ids is None:
+            seen = torch.zeros(batch, dtype=torch.int64, device=valid.device) if self.seen is None else self.seen
+            positions = seen[:, None] + valid.long().cumsum(dim=1) - 1
+        else:
+            positions = position_ids.to(valid.device).long().expand(batch, num_tokens)
+        return torch.where(valid, positions, -1)
+
+    def begin_chunk(self, positions: torch.Tensor) -> None:
+        """Open a chunk of ``positions [B, T]`` new tokens (``-1`` = padding); evicts first if they don't fit."""
+        if torch.compiler.is_compiling():
+            raise RuntimeError(
+                "the EpiKV cache cannot run under torch.compile: eviction changes its shapes and contents "
+                "between steps; run the patched model eagerly"
+            )
+        B, T = positions.shape
+        if self.seen is None:
+            self._fit_declared_prompts(B)
+            self.seen = torch.zeros(B, dtype=torch.int64, device=positions.device)
+            self.last_valid = torch.zeros(B, dtype=torch.bool, device=positions.device)
+            self.tokens_evicted = torch.zeros(B, dtype=torch.int64, device=positions.device)
+        elif B != self.seen.shape[0]:
+            raise ValueError(f"this cache holds {self.seen.shape[0]} sequences; the chunk has {B}")
+        valid = positions >= 0
+        before = torch.cat([self.last_valid[:, None], valid[:, :-1]], dim=1)
+        self.chunk = ChunkInfo(positions, valid, valid & before)
+        if self.kv is not None:
+            self._make_room(T)
+            self._open_slots()
+        self.start = self.fill
+        self.scorer.begin_chunk(self.chunk)
+
+    def _fit_declared_prompts(self, batch: int) -> None:
+        declared = self.declared_prompt_lengths
+        if declared is None or len(declared) == batch:
+            return
+        if len(declared) != 1:
+            raise ValueError(f"{len(declared)} prompt lengths were declared for a batch of {batch} sequences")
+        self.prompt_lengths = declared * batch
+
+    def write(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the chunk's ``key``/``value [B, Hkv, T, D]`` of ``layer``; return views of every slot in use."""
+        if self.chunk is None:
+            raise RuntimeError("write() outside a chunk: call begin_chunk() first")
+        T = key.shape[2]
+        if self.kv is None:
+            self._allocate(key, self._capacity_for(T))
+            self._open_slots()
+        end = self.start + T
+        self.kv[0, layer, :, :, self.start : end] = key
+        self.kv[1, layer, :, :, self.start : end] = value
+        return self.kv[0, layer, :, :, :end], self.kv[1, layer, :, :, :end]
+
+    def attend(
+        self,
+        layer: int,
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        *,
+        scale: float | None,
+        window: int | None,
+    ) -> torch.Tensor:
+        """Attention of the chunk's ``query [B, Hq, T, D]`` over ``keys``/``values`` (as :meth:`write` returned).
+
+        Visibility comes from the slot positions alone; returns ``[B, Hq, T, D]``.
+        """
+        T = query.shape[2]
+        pos = self.pos[:, : keys.shape[2]]
+        has_previous = self.stream_length > 0
+        result = ops.slot_attention(
+            query,
+            keys,
+            values,
+            pos,
+            scale=scale,
+            window=window,
+            prev_k=self.prev_kv[0, layer] if has_previous else None,
+            prev_v=self.prev_kv[1, layer] if has_previous else None,
+            with_deltas=self.scorer.wants_deltas,
+            return_lse=self.scorer.wants_probabilities,
+            check_positions=False,
+        )
+        view = AttentionView(query, keys, values, pos, T, scale, window, result)
+        increment = self.scorer.observe_attention(layer, view)
+        if increment is not None:
+            self.scores[:, : keys.shape[2]] += increment
+        return result.out
+
+    def observe_hidden(self, layer: int, hidden: torch.Tensor) -> None:
+        """Output ``[B, T, H]`` of decoder layer ``layer`` for the chunk (residual stream)."""
+        self.scorer.observe_hidden(layer, hidden)
+
+    def end_chunk(self) -> None:
+        """Fix the new tokens' scores, advance the stream, evict if the cache is over its cadence."""
+        chunk = self.chunk
+        T = chunk.positions.shape[1]
+        end = self.start + T
+        new_scores = self.scorer.finish_chunk()
+        if new_scores is not None:
+            self.scores[:, self.start : end] = torch.where(chunk.valid, new_scores, float("nan"))
+        self.prev_kv.copy_(self.kv[:, :, :, :, end - 1])
+        self.last_valid = chunk.valid[:, -1]
+        self.seen += chunk.valid.sum(dim=1)
+        self.stream_length += T
+        self.fill = end
+        self.peak_fill = max(self.peak_fill, end)
+        self.chunk = None
+        if self.prompt_lengths is None:
+            # Without a declared prompt, the first chunk is the prompt (generate's prefill).
+            self.prompt_lengths = self.seen.tolist()
+            if self.config.keep_prompt and self.config.evicts:
+                check_prompt_fits(self.config, self.prompt_lengths)
+        if self.config.evicts and self.fill >= self.config.budget + self.config.evict_every:
+            self.evict()
+
+    # --------------------------------------------------------------- eviction
+    def evict(self) -> None:
+        """Keep ``budget`` slots per sequence (protected first, then highest scores), compacted in place."""
+        config = self.config
+        used = self.fill
+        pos, scores = self.pos[:, :used], self.scores[:, :used]
+        protect = self.prompt_lengths if config.keep_prompt else config.sink
+        real_before = (pos >= 0).sum(dim=1)
+        keep = ops.select_slots(scores, pos, config.budget, protect_prefix=protect, recent=config.recent)
+        _, L, B, H, capacity, D = self.kv.shape
+        planes = self.kv.view(2 * L, B, H, capacity, D)[:, :, :, :used]
+        ops.compact_slots_(planes, pos, scores, keep)
+        self.tokens_evicted += real_before - (keep >= 0).sum(dim=1)
+        self.fill = keep.shape[1]
+        self.eviction_passes += 1
+
+    def _capacity_for(self, num_tokens: int) -> int:
+        needed = self.fill + num_tokens
+        if self.config.evicts:
+            return max(self.config.budget + self.config.evict_every, needed)
+        return max(2 * needed, 64)
+
+    def _make_room(self, num_tokens: int) -> None:
+        capacity = self.kv.shape[4]
+        if self.fill + num_tokens <= capacity:
+            return
+        if self.config.evicts and self.fill > self.config.budget:
+            self.evict()
+        if self.fill + num_tokens > capacity:
+            self._grow(self._capacity_for(num_tokens))
+
+    def _allocate(self, like: torch.Tensor, capacity: int) -> None:
+        B, H, _, D = like.shape
+        self.kv = torch.zeros(2, self.num_layers, B, H, capacity, D, dtype=like.dtype, device=like.device)
+        self.pos = torch.full((B, capacity), -1, dtype=torch.int64, device=like.device)
+        self.scores = torch.full((B, capacity), float("nan"), dtype=torch.float32, device=like.device)
+        self.prev_kv = torch.zeros(2, self.num_layers, B, H, D, dtype=like.dtype, device=like.device)
+
+    def _grow(self, capacity: int) -> None:
+        kv, pos, scores, prev_kv, used = self.kv, self.pos, self.scores, self.prev_kv, self.fill
+        self._allocate(kv[0, 0], capacity)
+        self.kv[:, :, :, :, :used] = kv[:, :, :, :, :used]
+        self.pos[:, :used] = pos[:, :used]
+        self.scores[:, :used] = scores[:, :used]
+        self.prev_kv = prev_kv
+
+    def _open_slots(self) -> None:
+        """Positions of the chunk's slots; their scores start at 0 (h2o accumulates into them)."""
+        T = self.chunk.positions.shape[1]
+        self.pos[:, self.fill : self.fill + T] = self.chunk.positions
+        self.scores[:, self.fill : self.fill + T] = 0.0
+
+    # ------------------------------------------------------------ inspection
+    def kept_positions(self) -> list[list[int]]:
+        """Sorted positions of the tokens each sequence holds."""
+        if self.pos is None:
+            return [[] for _ in range(0 if self.seen is None else self.seen.shape[0])]
+        return [sorted(p for p in row if p >= 0) for row in self.pos[:, : self.fill].tolist()]
+
+    def stats(self) -> CacheStats:
+        if self.kv is None:
+            return CacheStats([], 0, 0, 0, 0, 0)
+        _, L, B, H, capacity, D = self.kv.shape
+        bytes_per_token = 2 * L * H * D * self.kv.element_size()
+        kept = (self.pos[:, : self.fill] >= 0).sum(dim=1).tolist()
+        sequences = [
+            SequenceStats(int(seen), int(k), int(evicted), int(k) * bytes_per_token)
+            for seen, k, evicted in zip(self.seen.tolist(), kept, self.tokens_evicted.tolist())
+        ]
+        allocated = self.kv.numel() * self.kv.element_size() + self.pos.numel() * 8 + self.scores.numel() * 4
+        return CacheStats(sequences, self.fill, self.peak_fill, capacity, allocated, self.eviction_passes)
+
+
+def check_prompt_fits(config: EpiKVConfig, prompt_lengths: Sequence[int]) -> None:
+    """``keep_prompt=True`` keeps every prompt token and the recent window: both must fit the budget."""
+    longest = max(prompt_lengths, default=0)
+    if longest + config.recent > config.budget:
+        raise ValueError(
+            f"keep_prompt=True keeps the whole prompt, but the longest prompt ({longest} tokens) plus the recent "
+            f"window ({config.recent}) exceeds the budget ({config.budget}): raise the budget, or pass "
+            "keep_prompt=False (keeps only the first sink tokens) to read a long prompt with bounded memory"
+        )

@@ -1,0 +1,103 @@
+"""EpiKVCache: the transformers ``Cache`` face of :class:`epikv_triton.cache.SlotCache`.
+
+One layer object per decoder layer, all sharing one slot store. ``update``
+writes the new keys/values in place and returns views of the slots in use;
+``get_seq_length`` counts tokens *seen* (what generate and RoPE need), while
+``get_mask_sizes`` reports the physical key length. Operations that assume
+the cache holds every past token (``crop``, beam reordering) raise.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from ..cache import CacheStats, SlotCache
+from ..config import EpiKVConfig
+
+
+class EpiKVLayer(CacheLayerMixin):
+    """One decoder layer's view of the shared slot store.
+
+    ``_layer_type`` stays ``None`` so transformers does not register this class
+    in its process-global layer mappings.
+    """
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+    # The store allocates itself at the first write, for every layer at once.
+    supports_early_init = False
+
+    def __init__(self, slots: SlotCache, layer_idx: int):
+        super().__init__()
+        self.slots = slots
+        self.layer_idx = layer_idx
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        raise RuntimeError("EpiKVLayer is allocated by its slot store on the first update, never ahead of time")
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.slots.write(self.layer_idx, key_states, value_states)
+        self.is_initialized = True
+        return keys, values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.slots.fill + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.slots.stream_length
+
+    def get_max_length(self) -> int:
+        return -1  # generation length is unbounded; memory is bounded by the budget instead
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise _unsupported("beam search (reorder_cache)")
+
+
+class EpiKVCache(Cache):
+    """Bounded KV cache for a patched model; build it with ``epikv_triton.new_cache(model)``."""
+
+    def __init__(self, config: EpiKVConfig, num_layers: int, prompt_lengths: Sequence[int] | None = None):
+        self.slots = SlotCache(config, num_layers, prompt_lengths)
+        super().__init__(layers=[EpiKVLayer(self.slots, i) for i in range(num_layers)])
+
+    @property
+    def config(self) -> EpiKVConfig:
+        return self.slots.config
+
+    def stats(self) -> CacheStats:
+        """Per sequence: tokens seen, kept, evicted, KV bytes held; and the physical buffer."""
+        return self.slots.stats()
+
+    def kept_positions(self) -> list[list[int]]:
+        """Sorted absolute positions of the tokens each sequence holds."""
+        return self.slots.kept_positions()
+
+    def reset(self) -> None:
+        self.slots.reset()
+        for layer in self.layers:
+            layer.is_initialized = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise _unsupported("crop (assisted decoding, prompt-lookup or any rollback)")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise _unsupported("beam search (reorder_cache)")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise _unsupported("expanding the batch of a cache")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise _unsupported("selecting batch rows of a cache")
+
+
+def _unsupported(what: str) -> NotImplementedError:
+    return NotImplementedError(
+        f"EpiKVCache does not support {what}: it evicts tokens for good, so it cannot roll back or fork "
+        "sequences. Use greedy or sampling generation with one sequence per prompt, or unpatch the model."
+    )

@@ -1,0 +1,66 @@
+"""EpiKVConfig: defaults of DESIGN.md section 2, band resolution by depth, validation messages."""
+
+from __future__ import annotations
+
+import pytest
+
+from epikv_triton.config import EpiKVConfig
+
+
+def test_reference_bands_of_a_32_layer_model():
+    assert EpiKVConfig().resolve_bands(32) == (tuple(range(7, 14)), tuple(range(18, 26)))
+    assert EpiKVConfig(method="epikv_flat").resolve_bands(32) == ((10,), (21,))
+    assert EpiKVConfig(method="kv").resolve_bands(32) == EpiKVConfig().resolve_bands(32)
+
+
+def test_bands_scale_with_depth_rounding_half_up():
+    # 0.22 * 30 = 6.6 -> 7, 0.41 * 30 = 12.3 -> 12, 0.56 * 30 = 16.8 -> 17, 0.78 * 30 = 23.4 -> 23
+    assert EpiKVConfig().resolve_bands(30) == (tuple(range(7, 13)), tuple(range(17, 24)))
+    # 0.41 * 50 = 20.5 rounds up to 21 (Python's banker's round would give 20)
+    assert EpiKVConfig().resolve_bands(50)[0] == tuple(range(11, 22))
+
+
+def test_defaults():
+    config = EpiKVConfig(budget=256)
+    assert (config.method, config.window, config.sink, config.recent) == ("epikv", 64, 4, 64)
+    assert (config.keep_prompt, config.evict_every, config.weights) == (True, 1, (1.29, 1.0))
+    assert EpiKVConfig(budget=4096).recent == 128
+    assert EpiKVConfig(method="epikv_flat").weights == (1.0, 1.0)
+
+
+def test_explicit_bands_are_validated_against_depth():
+    config = EpiKVConfig(bands=([3, 1], [5]))
+    assert config.bands == ((1, 3), (5,))
+    with pytest.raises(ValueError, match="do not fit a 5-layer model"):
+        config.resolve_bands(5)
+    with pytest.raises(ValueError, match="disjoint"):
+        EpiKVConfig(bands=([1, 2], [2, 3]))
+    with pytest.raises(ValueError, match="non-empty"):
+        EpiKVConfig(bands=([], [2]))
+
+
+@pytest.mark.parametrize(
+    "settings, match",
+    [
+        (dict(method="snapkv"), "method must be one of epikv, epikv_flat"),
+        (dict(budget=0), "budget must be a positive int"),
+        (dict(evict_every=0), "evict_every must be a positive int"),
+        (dict(window=1.5), "window must be a positive int"),
+        (dict(sink=-1), "sink must be a non-negative int"),
+        (dict(recent=-2), "recent must be a non-negative int"),
+        (dict(keep_prompt="yes"), "keep_prompt must be True or False"),
+        (dict(weights=(1.0,)), "weights must be two numbers"),
+        (dict(budget=10, sink=4, recent=7), r"smaller than the protected tokens \(sink 4 \+ recent 7 = 11\)"),
+    ],
+)
+def test_invalid_settings_raise(settings, match):
+    with pytest.raises(ValueError, match=match):
+        EpiKVConfig(**settings)
+
+
+def test_full_ignores_the_protected_budget_check():
+    assert EpiKVConfig(method="full", budget=2, recent=8).evicts is False
+
+
+def test_equal_settings_compare_equal():
+    assert EpiKVConfig(budget=64) == EpiKVConfig(budget=64, recent=16, weights=(1.29, 1.0))

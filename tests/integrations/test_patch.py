@@ -1,0 +1,137 @@
+"""patch / unpatch bookkeeping, isolation between models, and every unsupported use raising clearly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
+
+import epikv_triton
+
+from .models import greedy, patched_copy, prompts, tiny_model
+
+
+def test_unpatch_restores_original_outputs_exactly():
+    model = tiny_model("qwen2-sliding")
+    inputs = prompts(2)
+    logits = model(**inputs).logits
+    tokens = greedy(model, inputs, 30)
+    epikv_triton.patch(model, budget=16, recent=4)
+    assert not torch.equal(greedy(model, inputs, 30), tokens)  # eviction changed the continuation
+    epikv_triton.unpatch(model)
+    assert model.config._attn_implementation == "sdpa"
+    assert "generate" not in vars(model)
+    assert not model.model._forward_hooks and not model.model._forward_pre_hooks
+    assert torch.equal(model(**inputs).logits, logits)
+    assert torch.equal(greedy(model, inputs, 30), tokens)
+    with pytest.raises(ValueError, match="not patched"):
+        epikv_triton.unpatch(model)
+
+
+def test_patching_leaves_other_models_alone():
+    bystander = tiny_model("llama", seed=3)
+    inputs = prompts(1)
+    logits, tokens = bystander(**inputs).logits, greedy(bystander, inputs, 30)
+    patched_copy(tiny_model("llama"), budget=16, recent=4)
+    patched_copy(bystander, budget=16, recent=4)  # even a copy of this very model
+    assert bystander.config._attn_implementation == "sdpa"
+    assert torch.equal(bystander(**inputs).logits, logits)
+    assert torch.equal(greedy(bystander, inputs, 30), tokens)
+
+
+def test_patching_twice():
+    model = patched_copy(tiny_model("llama"), budget=16)
+    hooks = len(model.model._forward_pre_hooks)
+    assert epikv_triton.patch(model, budget=16) is model
+    assert len(model.model._forward_pre_hooks) == hooks
+    with pytest.raises(ValueError, match="already patched.*unpatch"):
+        epikv_triton.patch(model, budget=32)
+
+
+def test_unsupported_model_type_lists_supported_ones():
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(NotImplementedError, match="llama, qwen2, qwen3.*'gpt2'"):
+        epikv_triton.patch(gpt2)
+
+
+def test_model_too_shallow_for_default_bands_names_the_fix():
+    shallow = tiny_model("llama", num_layers=4)
+    with pytest.raises(ValueError, match=r"overlap.*bands=\(\[\.\.\.\], \[\.\.\.\]\)"):
+        epikv_triton.patch(shallow)
+    assert shallow.config._attn_implementation == "sdpa"  # a failed patch leaves the model untouched
+    model = epikv_triton.patch(tiny_model("llama", num_layers=4), bands=([1], [3]))
+    assert greedy(model, prompts(1), 3).shape == (1, 15)
+
+
+@pytest.mark.parametrize(
+    "generate_kwargs, match",
+    [
+        (dict(num_beams=2), "beam search"),
+        (dict(num_beams=2, do_sample=True), "beam sample"),
+        (dict(prompt_lookup_num_tokens=3), "assisted generation"),
+        (dict(cache_implementation="static"), "cache_implementation='static'"),
+    ],
+)
+def test_unsupported_generation_modes_raise(generate_kwargs, match):
+    model = patched_copy(tiny_model("llama"), budget=16)
+    with pytest.raises(NotImplementedError, match=match):
+        model.generate(**prompts(1), max_new_tokens=5, pad_token_id=0, **generate_kwargs)
+
+
+def test_assistant_model_raises():
+    model = patched_copy(tiny_model("llama"), budget=16)
+    with pytest.raises(NotImplementedError, match="assisted generation"):
+        greedy(model, prompts(1), 5, assistant_model=tiny_model("llama", seed=1))
+
+
+def test_cache_rollback_and_reorder_raise():
+    model = patched_copy(tiny_model("llama"), budget=16)
+    cache = epikv_triton.new_cache(model)
+    model(**prompts(1), past_key_values=cache, use_cache=True)
+    with pytest.raises(NotImplementedError, match="crop"):
+        cache.crop(-1)
+    with pytest.raises(NotImplementedError, match="beam search"):
+        cache.reorder_cache(torch.tensor([0]))
+    with pytest.raises(NotImplementedError, match="batch"):
+        cache.batch_repeat_interleave(2)
+
+
+def test_budget_smaller_than_protected_tokens():
+    with pytest.raises(ValueError, match=r"budget \(8\) is smaller than the protected tokens \(sink 4 \+ recent 8"):
+        epikv_triton.patch(tiny_model("llama"), budget=8, recent=8)
+
+
+def test_keep_prompt_with_prompt_over_budget():
+    model = patched_copy(tiny_model("llama"), budget=32, recent=8)
+    long_prompt = prompts(1, length=40)
+    with pytest.raises(ValueError, match=r"longest prompt \(40 tokens\).*keep_prompt=False"):
+        greedy(model, long_prompt, 5)
+    with pytest.raises(ValueError, match=r"longest prompt \(40 tokens\)"):
+        model(**long_prompt, past_key_values=epikv_triton.new_cache(model), use_cache=True)
+    relaxed = patched_copy(tiny_model("llama"), budget=32, recent=8, keep_prompt=False)
+    assert greedy(relaxed, long_prompt, 5).shape == (1, 45)
+
+
+def test_foreign_cache_and_4d_mask_raise():
+    model = patched_copy(tiny_model("llama"), budget=16)
+    inputs = prompts(1)
+    with pytest.raises(TypeError, match="needs an EpiKVCache"):
+        model(**inputs, past_key_values=DynamicCache(), use_cache=True)
+    with pytest.raises(ValueError, match="2D padding mask"):
+        model(input_ids=inputs["input_ids"], attention_mask=torch.ones(1, 1, 12, 12))
+
+
+def test_new_cache_needs_a_patched_model():
+    with pytest.raises(ValueError, match="patched"):
+        epikv_triton.new_cache(tiny_model("llama"))
+
+
+def test_torch_compile_fullgraph_raises_and_default_compile_stays_correct():
+    model = patched_copy(tiny_model("llama"), budget=16)
+    inputs = prompts(1)
+    with pytest.raises(Exception, match="EpiKV cache cannot run under torch.compile"):
+        torch.compile(model, backend="eager", fullgraph=True)(**inputs)
+    torch._dynamo.reset()
+    # Without fullgraph, Dynamo runs the frame that touches the cache eagerly: same result as no compile.
+    torch.testing.assert_close(torch.compile(model, backend="eager")(**inputs).logits, model(**inputs).logits)
+    torch._dynamo.reset()

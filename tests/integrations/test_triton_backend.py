@@ -1,0 +1,21 @@
+"""A patched 2-layer model through the Triton kernels (Triton's interpreter on CPU): same tokens as the twins.
+
+Slow under the interpreter (seconds), so it stays tiny: one sequence, a few
+decode steps, a budget that forces evictions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .models import greedy, patched_copy, prompts, tiny_model
+
+
+def test_triton_kernels_match_torch_twins_end_to_end(monkeypatch):
+    model = tiny_model("llama", num_layers=2)
+    settings = dict(budget=8, recent=2, keep_prompt=False, bands=([0], [1]))
+    inputs = prompts(1, length=6)
+    expected = greedy(patched_copy(model, **settings), inputs, 6)  # EPIKV_BACKEND=torch (conftest)
+    monkeypatch.setenv("EPIKV_BACKEND", "triton")
+    patched = patched_copy(model, **settings)
+    assert torch.equal(greedy(patched, inputs, 6), expected)
