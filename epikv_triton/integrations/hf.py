@@ -263,6 +263,11 @@ def _prompt_lengths(args: tuple, kwargs: dict) -> list[int] | None:
     return [inputs.shape[1]] * inputs.shape[0]
 
 
+def check_supported(model: nn.Module) -> None:
+    """Raise ``NotImplementedError`` naming the supported model types unless ``model`` is one of them."""
+    _adapter_for(model)
+
+
 def _adapter_for(model: nn.Module) -> ModelAdapter:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in ADAPTERS:
