@@ -34,6 +34,22 @@ def poisoned_like(x: torch.Tensor) -> torch.Tensor:
     return torch.full_like(x, float("nan"))
 
 
+def poisoning_runner(monkeypatch, launcher):
+    """``launcher`` wrapped so every float ``torch.empty`` it makes is NaN-filled: unwritten outputs show up."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        fresh = real_empty(*args, **kwargs)
+        return poisoned_like(fresh) if fresh.is_floating_point() else fresh
+
+    def run(*args, **kwargs):
+        with monkeypatch.context() as patch:
+            patch.setattr(torch, "empty", empty)
+            return launcher(*args, **kwargs)
+
+    return run
+
+
 def randn(*shape, dtype, layout="contiguous"):
     """Random ``[B, H, N, D]`` tensor.
 

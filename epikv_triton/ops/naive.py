@@ -66,6 +66,23 @@ def delta_norms(
     return torch.cat([first, rest], dim=2)
 
 
+def grouped_scores(
+    q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, scale: float | None, window: int | None
+) -> torch.Tensor:
+    """``[B, Hkv, G·T, S]`` float32 scaled ``q·kᵀ``, ``-inf`` where hidden.
+
+    Query head ``h`` reads kv head ``h // G``, so the ``G`` heads of a group are
+    folded into the rows (row ``g·T + t``) instead of repeating K.
+    """
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    group = Hq // Hkv
+    scale = D**-0.5 if scale is None else scale
+    scores = torch.matmul(q.float().reshape(B, Hkv, group * T, D), k.float().transpose(-1, -2)) * scale
+    visible = visibility_mask(pos, T, window)[:, None].expand(B, group, T, -1).reshape(B, 1, group * T, -1)
+    return scores.masked_fill(~visible, float("-inf"))
+
+
 def slot_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -90,17 +107,11 @@ def slot_attention(
     """
     del num_splits
     B, Hq, T, D = q.shape
-    Hkv = k.shape[1]
-    group = Hq // Hkv
-    scale = D**-0.5 if scale is None else scale
-    keys = k.float().repeat_interleave(group, dim=1)
-    values = v.float().repeat_interleave(group, dim=1)
-    scores = torch.matmul(q.float(), keys.transpose(-1, -2)) * scale
-    visible = visibility_mask(pos, T, window)[:, None]
-    scores = scores.masked_fill(~visible, float("-inf"))
+    scores = grouped_scores(q, k, pos, scale, window)
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse.masked_fill(torch.isinf(lse), 0.0)[..., None])
-    out = torch.matmul(probs, values).to(q.dtype)
+    out = torch.matmul(probs, v.float()).reshape(B, Hq, T, D).to(q.dtype)
+    lse = lse.reshape(B, Hq, T)
     dk = dv = None
     if with_deltas:
         dk = delta_norms(k, T, prev_k)
@@ -237,18 +248,12 @@ def attention_column_sums(
     the ``G = Hq / Hkv`` query heads of its kv group, over visible pairs only.
     Materialises the ``[B, Hq, T, S]`` probabilities (the eager H2O baseline).
     """
-    B, Hq, T, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    group = Hq // Hkv
-    scale = D**-0.5 if scale is None else scale
-    keys = k.float().repeat_interleave(group, dim=1)
-    scores = torch.matmul(q.float(), keys.transpose(-1, -2)) * scale
-    sees_something = torch.isfinite(lse)
-    seen = visibility_mask(pos, T, window)[:, None] & sees_something[..., None]
-    normaliser = lse.float().masked_fill(~sees_something, 0.0)
-    # Masked before the exponent: a hidden pair may score far above lse.
-    probs = torch.exp(torch.where(seen, scores - normaliser[..., None], float("-inf")))
-    return probs.sum(dim=2).view(B, Hkv, group, S).sum(dim=2)
+    B, Hkv, S = k.shape[:3]
+    scores = grouped_scores(q, k, pos, scale, window)
+    normaliser = lse.float().reshape(B, Hkv, -1, 1)
+    # A query that saw nothing (lse = -inf) has every score at -inf too: give it a finite normaliser.
+    probs = torch.exp(scores - normaliser.masked_fill(torch.isinf(normaliser), 0.0))
+    return probs.sum(dim=2)
 
 
 def _per_sequence(value: int | Sequence[int], batch: int, device: torch.device) -> torch.Tensor:

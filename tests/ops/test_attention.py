@@ -14,7 +14,7 @@ import torch
 
 from epikv_triton.ops import attention, naive
 from epikv_triton.ops.attention import DECODE_CONFIGS, PREFILL_CONFIGS
-from tests.helpers import assert_close_rms, cache_positions, device, poisoned_like, prefill_positions, randn
+from tests.helpers import assert_close_rms, cache_positions, device, poisoning_runner, prefill_positions, randn
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -51,19 +51,8 @@ def vectors(B, H, D, dtype):
 
 @pytest.fixture
 def poisoned_allocations(monkeypatch):
-    """Make every float ``torch.empty`` NaN-filled while the kernels run."""
-    real_empty = torch.empty
-
-    def empty(*args, **kwargs):
-        fresh = real_empty(*args, **kwargs)
-        return poisoned_like(fresh) if fresh.is_floating_point() else fresh
-
-    def run(*args, **kwargs):
-        with monkeypatch.context() as patch:
-            patch.setattr(torch, "empty", empty)
-            return attention.slot_attention(*args, **kwargs)
-
-    return run
+    """Run the Triton launcher with every float ``torch.empty`` NaN-filled."""
+    return poisoning_runner(monkeypatch, attention.slot_attention)
 
 
 def check_against_twin(run, q, k, v, pos, **kwargs):

@@ -17,7 +17,7 @@ import torch
 from epikv_triton import ops
 from epikv_triton.ops import h2o, naive
 from epikv_triton.ops.h2o import COLUMN_SUM_CONFIGS
-from tests.helpers import cache_positions, device, poisoned_like, prefill_positions, randn
+from tests.helpers import cache_positions, device, poisoning_runner, prefill_positions, randn
 
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -47,18 +47,7 @@ def pass_one_lse(q, k, pos, scale=None, window=None):
 @pytest.fixture
 def poisoned_run(monkeypatch):
     """Run the Triton launcher with every float ``torch.empty`` NaN-filled."""
-    real_empty = torch.empty
-
-    def empty(*args, **kwargs):
-        fresh = real_empty(*args, **kwargs)
-        return poisoned_like(fresh) if fresh.is_floating_point() else fresh
-
-    def run(*args, **kwargs):
-        with monkeypatch.context() as patch:
-            patch.setattr(torch, "empty", empty)
-            return h2o.attention_column_sums(*args, **kwargs)
-
-    return run
+    return poisoning_runner(monkeypatch, h2o.attention_column_sums)
 
 
 def assert_close_sums(got, want, dtype, what):
