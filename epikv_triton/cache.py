@@ -15,7 +15,8 @@ fixes the new tokens' scores and evicts when the cache holds
 Capacity is ``budget + evict_every`` slots, enough for decoding and for any
 chunk of at most ``evict_every`` tokens; a chunk that does not fit even after
 evicting grows the buffers once, to exactly what it needs (``budget + T``).
-``full`` (no eviction) grows geometrically instead.
+``full`` (no eviction) allocates the expected stream length when it is known
+(``generate`` passes it) and otherwise grows geometrically.
 """
 
 from __future__ import annotations
@@ -55,9 +56,18 @@ class CacheStats:
 class SlotCache:
     """Bounded KV cache with per-slot positions and scores; see the module docstring."""
 
-    def __init__(self, config: EpiKVConfig, num_layers: int, prompt_lengths: Sequence[int] | None = None):
+    def __init__(
+        self,
+        config: EpiKVConfig,
+        num_layers: int,
+        prompt_lengths: Sequence[int] | None = None,
+        expected_length: int | None = None,
+    ):
         self.config = config
         self.num_layers = num_layers
+        # Tokens per sequence the caller expects to stream (generate knows it): lets ``full``
+        # allocate once instead of growing geometrically.
+        self.expected_length = expected_length
         self.declared_prompt_lengths = None if prompt_lengths is None else [int(n) for n in prompt_lengths]
         if config.keep_prompt and config.evicts and self.declared_prompt_lengths is not None:
             check_prompt_fits(config, self.declared_prompt_lengths)
@@ -240,6 +250,8 @@ class SlotCache:
         needed = self.fill + num_tokens
         if self.config.evicts:
             return max(self.config.budget + self.config.evict_every, needed)
+        if self.expected_length is not None and self.expected_length >= needed:
+            return self.expected_length
         return max(2 * needed, 64)
 
     def _make_room(self, num_tokens: int) -> None:

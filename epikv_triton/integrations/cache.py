@@ -62,8 +62,14 @@ class EpiKVLayer(CacheLayerMixin):
 class EpiKVCache(Cache):
     """Bounded KV cache for a patched model; build it with ``epikv_triton.new_cache(model)``."""
 
-    def __init__(self, config: EpiKVConfig, num_layers: int, prompt_lengths: Sequence[int] | None = None):
-        self.slots = SlotCache(config, num_layers, prompt_lengths)
+    def __init__(
+        self,
+        config: EpiKVConfig,
+        num_layers: int,
+        prompt_lengths: Sequence[int] | None = None,
+        expected_length: int | None = None,
+    ):
+        self.slots = SlotCache(config, num_layers, prompt_lengths, expected_length)
         super().__init__(layers=[EpiKVLayer(self.slots, i) for i in range(num_layers)])
 
     @property

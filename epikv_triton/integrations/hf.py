@@ -57,8 +57,8 @@ class _Patch:
     attention_modules: list[nn.Module] = field(default_factory=list)
     active: EpiKVCache | None = None  # the cache of the forward pass in progress
 
-    def new_cache(self, prompt_lengths: Sequence[int] | None = None) -> EpiKVCache:
-        return EpiKVCache(self.config, self.num_layers, prompt_lengths)
+    def new_cache(self, prompt_lengths: Sequence[int] | None = None, expected_length: int | None = None) -> EpiKVCache:
+        return EpiKVCache(self.config, self.num_layers, prompt_lengths, expected_length)
 
 
 _PATCHES: "weakref.WeakKeyDictionary[nn.Module, _Patch]" = weakref.WeakKeyDictionary()
@@ -226,7 +226,7 @@ def _generate(state: _Patch, model: nn.Module, original: Any, *args: Any, **kwar
             # generate repeats each prompt num_return_sequences times before the prefill.
             copies = generation_config.num_return_sequences or 1
             prompt_lengths = [n for n in prompt_lengths for _ in range(copies)]
-        kwargs["past_key_values"] = state.new_cache(prompt_lengths)
+        kwargs["past_key_values"] = state.new_cache(prompt_lengths, _expected_length(args, kwargs, generation_config))
     return original(*args, **kwargs)
 
 
@@ -248,6 +248,14 @@ def _checked_generation_config(model: nn.Module, kwargs: dict) -> Any:
             "epikv_triton: it brings its own bounded cache, which is not compileable. Drop cache_implementation."
         )
     return generation_config
+
+
+def _expected_length(args: tuple, kwargs: dict, generation_config: Any) -> int | None:
+    """Prompt width plus the tokens ``generate`` may add: the most a full cache can need."""
+    inputs = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+    if not isinstance(inputs, torch.Tensor) or generation_config.max_new_tokens is None:
+        return None
+    return inputs.shape[1] + generation_config.max_new_tokens
 
 
 def _prompt_lengths(args: tuple, kwargs: dict) -> list[int] | None:
