@@ -122,3 +122,67 @@ def format_rate(seconds: float, flops: float = 0.0, bytes_moved: float = 0.0) ->
     if flops:
         return f"{flops / seconds / 1e12:.3g} TFLOP/s"
     return f"{bytes_moved / seconds / 1e9:.3g} GB/s"
+
+
+# --------------------------------------------------------------------------- #
+# Host memory (CPU mode)
+# --------------------------------------------------------------------------- #
+# torch's CPU tensors are invisible to tracemalloc (it traces Python's own
+# allocator only) and torch keeps no CPU allocator statistics, so host memory
+# is read from the kernel: the resident set now (VmRSS) and its high-water mark
+# (VmHWM) in /proc/self/status. Not getrusage's ru_maxrss: on Linux a child
+# started by fork + exec reports the parent's high-water mark when that is
+# larger (checked: a child of a 1.3 GiB parent read 1.3 GiB, VmHWM 11 MiB).
+# The high-water mark never goes down, so each measurement needs a fresh
+# process: see :func:`run_fresh_interpreter`.
+
+
+def _proc_status_bytes(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024  # reported in kB
+    raise RuntimeError(f"/proc/self/status has no {field} line")
+
+
+def current_rss_bytes() -> int:
+    """Resident set size of this process now (Linux ``VmRSS``)."""
+    return _proc_status_bytes("VmRSS")
+
+
+def peak_rss_bytes() -> int:
+    """High-water mark of this process's resident set since it started or last exec'd (Linux ``VmHWM``)."""
+    return _proc_status_bytes("VmHWM")
+
+
+def available_host_bytes() -> int:
+    """``MemAvailable`` of ``/proc/meminfo``: what can be allocated without swapping or evicting."""
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/meminfo has no MemAvailable line")
+
+
+def run_fresh_interpreter(code: str, extra_env: dict[str, str] | None = None, timeout_s: float = 300.0) -> dict:
+    """Run ``code`` in a new Python process and return the JSON object it prints last.
+
+    One process per measurement, so a peak RSS is the peak of that measurement
+    alone. The child inherits the environment (single-thread settings, the
+    backend choice) plus ``extra_env``, and runs from the repository root so
+    ``perf`` imports.
+    """
+    import json
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    env = {**os.environ, **(extra_env or {})}
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=timeout_s, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"measurement process failed ({done.returncode}):\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
