@@ -216,8 +216,19 @@ def compact_slots_(
     K = keep.shape[1]
     present = keep >= 0
     src = keep.clamp(min=0)
-    gathered = kv.gather(3, src[None, :, None, :, None].expand(*kv.shape[:3], K, kv.shape[4]))
-    kv[:, :, :, :K] = torch.where(present[None, :, None, :, None], gathered, kv[:, :, :, :K])
+    moves = present & (keep != torch.arange(K, device=keep.device))
+    # Slots before the first one that moves in any sequence are already in place: copy only
+    # from there on. Reading that index is a host sync, which the Triton kernel does not need.
+    moving_columns = moves.any(dim=0)
+    if bool(moving_columns.any()):
+        start = int(moving_columns.to(torch.int8).argmax())
+        index = src[None, :, None, start:, None].expand(*kv.shape[:3], K - start, kv.shape[4])
+        gathered = kv.gather(3, index)
+        target = kv[:, :, :, start:K]
+        absent = ~present[:, start:]
+        if bool(absent.any()):
+            gathered = torch.where(absent[None, :, None, :, None], target, gathered)
+        target.copy_(gathered)
     new_pos = torch.where(present, pos.gather(1, src), torch.full_like(src, -1).to(pos.dtype))
     new_scores = torch.where(present, scores.gather(1, src), torch.full_like(scores[:, :K], float("nan")))
     pos[:, :K] = new_pos
