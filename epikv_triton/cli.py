@@ -220,12 +220,12 @@ def compare_one_model(args, session: Session, text: str | None) -> dict:
         progress.set_postfix_str(f"{method} {budget or ''}".strip())
         hf.patch(model, budget=budget or max(budgets), method=method, keep_prompt=args.keep_prompt)
         try:
-            cache_factory = lambda: hf.new_cache(model)  # noqa: E731
+            cache_factory = lambda: hf.new_cache(model, expected_length=context.shape[1] + continuation.shape[1])  # noqa: E731
             if text is None:
                 run = evaluation.greedy_generation(model, inputs, new_tokens)
                 scored = evaluation.teacher_forced(model, context, continuation, cache_factory, chunk)
                 match = evaluation.agreement(continuation[0].tolist(), run.tokens)
-                speed, peak = run.tokens_per_second, max(run.peak_kv_bytes, scored.peak_kv_bytes)
+                speed, peak = run.tokens_per_second, run.peak_kv_bytes
             else:
                 scored, seconds = timed(lambda: evaluation.teacher_forced(model, context, continuation, cache_factory, chunk))
                 match = evaluation.agreement(reference.predictions, scored.predictions)

@@ -96,6 +96,8 @@ def test_compare_end_to_end_with_json(tiny_llama, tmp_path, capsys):
     for key in [("full", None)] + [(m, 400) for m in ("streaming", "h2o", "epikv", "lag_kv")]:
         assert rows[key]["agreement"] == 1.0 and rows[key]["first_divergence"] is None, key
         assert abs(rows[key]["nll_gap"]) < 1e-4, key
+    # Under generate, the full policy allocates the stream's length once: no geometric overshoot.
+    assert rows[("full", None)]["kv_fraction_of_full"] < 1.05
     # A small budget holds less memory than the full cache.
     assert rows[("epikv", 24)]["peak_kv_bytes"] < run["reference"]["peak_kv_bytes"]
 

@@ -127,21 +127,27 @@ def unpatch(model: nn.Module) -> nn.Module:
     return model
 
 
-def new_cache(model: nn.Module, prompt_length: int | Sequence[int] | None = None) -> EpiKVCache:
+def new_cache(
+    model: nn.Module,
+    prompt_length: int | Sequence[int] | None = None,
+    expected_length: int | None = None,
+) -> EpiKVCache:
     """A fresh bounded cache for a hand-written forward loop over ``model`` (patched).
 
     Feed it chunks of any length with ``model(input_ids=chunk, past_key_values=cache,
     use_cache=True)``; it evicts between chunks exactly as ``generate`` does.
     ``prompt_length`` (real tokens: one int for every sequence, or one per sequence) tells
     ``keep_prompt=True`` how much to protect when the prompt is read in several
-    chunks; by default the first chunk is the prompt.
+    chunks; by default the first chunk is the prompt. ``expected_length`` (tokens
+    per sequence the loop will feed) lets ``method="full"`` allocate once
+    instead of growing.
     """
     state = _PATCHES.get(model)
     if state is None:
         raise ValueError("new_cache needs a model patched by epikv_triton.patch(model, ...)")
     if isinstance(prompt_length, int):
         prompt_length = [prompt_length]
-    return state.new_cache(prompt_length)
+    return state.new_cache(prompt_length, expected_length)
 
 
 # ---------------------------------------------------------------- forward path
