@@ -245,7 +245,7 @@ def compare_one_model(args, session: Session, text: str | None) -> dict:
         rows.append([
             r["method"], r["budget"] or "-", f"{r['agreement']:.3f}",
             "-" if r["first_divergence"] is None else r["first_divergence"],
-            f"{r['nll']:.4f}", f"{r['nll_gap']:+.4f}", mib(r["peak_kv_bytes"]),
+            f"{r['nll']:.4f}", f"{r['nll_gap'] + 0.0:+.4f}" if abs(r["nll_gap"]) >= 5e-5 else "0.0000", mib(r["peak_kv_bytes"]),
             f"{100 * r['kv_fraction_of_full']:.0f}%" if r["kv_fraction_of_full"] is not None else "-",
             f"{r['tokens_per_s']:.1f}",
         ])
