@@ -88,6 +88,7 @@ class SlotCache:
         self.tokens_evicted: torch.Tensor | None = None
         self.eviction_passes = 0
         self.prompt_lengths = self.declared_prompt_lengths
+        self.prompt_prefix: torch.Tensor | None = None  # prompt_lengths on the device, for eviction
         self.chunk: ChunkInfo | None = None
         self.start = 0
 
@@ -236,7 +237,7 @@ class SlotCache:
         config = self.config
         used = self.fill
         pos, scores = self.pos[:, :used], self.scores[:, :used]
-        protect = self.prompt_lengths if config.keep_prompt else config.sink
+        protect = self._prompt_prefix(pos.device) if config.keep_prompt else config.sink
         real_before = (pos >= 0).sum(dim=1)
         keep = ops.select_slots(scores, pos, config.budget, protect_prefix=protect, recent=config.recent)
         _, L, B, H, capacity, D = self.kv.shape
@@ -245,6 +246,13 @@ class SlotCache:
         self.tokens_evicted += real_before - (keep >= 0).sum(dim=1)
         self.fill = keep.shape[1]
         self.eviction_passes += 1
+
+    def _prompt_prefix(self, device: torch.device) -> torch.Tensor:
+        """The prompt lengths as a device tensor, made once per stream: no host-to-device copy per
+        eviction. ``check_prompt_fits`` vetted them against the budget when they became known."""
+        if self.prompt_prefix is None:
+            self.prompt_prefix = torch.tensor(self.prompt_lengths, dtype=torch.int64, device=device)
+        return self.prompt_prefix
 
     def _capacity_for(self, num_tokens: int) -> int:
         needed = self.fill + num_tokens

@@ -138,13 +138,15 @@ def select_slots(
     pos: torch.Tensor,
     budget: int,
     *,
-    protect_prefix: int | Sequence[int],
+    protect_prefix: int | Sequence[int] | torch.Tensor,
     recent: int,
 ) -> torch.Tensor:
     """Kept slot indices ``[B, min(budget, S)]`` (ascending, ``-1`` padded); see :func:`.naive.select_slots`.
 
     Built from sort and gather, so it runs on the tensors' device with no host
-    synchronisation on either backend.
+    synchronisation on either backend. ``protect_prefix`` as ints is checked
+    against the budget; as a device tensor ``[B]`` it is not (that would need a
+    sync), so the caller must guarantee ``max(prefix) + recent <= budget``.
     """
     check_select(scores, pos, budget, protect_prefix, recent)
     return naive.select_slots(scores, pos, budget, protect_prefix=protect_prefix, recent=recent)
@@ -167,7 +169,7 @@ def evict_(
     scores: torch.Tensor,
     budget: int,
     *,
-    protect_prefix: int | Sequence[int],
+    protect_prefix: int | Sequence[int] | torch.Tensor,
     recent: int,
 ) -> torch.Tensor:
     """:func:`select_slots` then :func:`compact_slots_`; returns the ``keep`` indices used."""

@@ -123,7 +123,7 @@ def check_select(
     scores: torch.Tensor,
     pos: torch.Tensor,
     budget: int,
-    protect_prefix: int | Sequence[int],
+    protect_prefix: int | Sequence[int] | torch.Tensor,
     recent: int,
 ) -> None:
     require_tensor("scores", scores, 2, FLOAT_DTYPES)
@@ -135,6 +135,14 @@ def check_select(
         raise ValueError(f"budget must be a positive int, got {budget!r}")
     if not isinstance(recent, int) or recent < 0:
         raise ValueError(f"recent must be a non-negative int, got {recent!r}")
+    if isinstance(protect_prefix, torch.Tensor):
+        # Reading the values would be a host sync: the caller vouches that they fit the budget.
+        require_tensor("protect_prefix", protect_prefix, 1, INT_DTYPES)
+        require_shape("protect_prefix", protect_prefix, (B,), "[B]")
+        require_same_device(scores=scores, protect_prefix=protect_prefix)
+        if budget < recent:
+            raise ValueError(f"budget ({budget}) is smaller than the protected recent window ({recent} tokens)")
+        return
     prefixes = [protect_prefix] * B if isinstance(protect_prefix, int) else list(protect_prefix)
     if len(prefixes) != B or any(not isinstance(p, int) or p < 0 for p in prefixes):
         raise ValueError(f"protect_prefix must be a non-negative int or {B} of them (one per sequence), got {protect_prefix!r}")

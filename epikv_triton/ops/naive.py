@@ -168,7 +168,7 @@ def select_slots(
     pos: torch.Tensor,
     budget: int,
     *,
-    protect_prefix: int | Sequence[int],
+    protect_prefix: int | Sequence[int] | torch.Tensor,
     recent: int,
 ) -> torch.Tensor:
     """Choose which slots each sequence keeps: ``[B, min(budget, S)]`` int64.
@@ -176,12 +176,14 @@ def select_slots(
     ``scores``: ``[B, S]`` float, higher = more important; NaN ranks lowest.
     ``pos``: ``[B, S]`` int absolute positions, ``-1`` = empty/padding (never kept,
     never costs budget). Protected, always kept: positions below
-    ``protect_prefix`` (an int or one per sequence: sink tokens or the whole
-    prompt) and the ``recent`` highest positions of the sequence. The rest of
+    ``protect_prefix`` (an int, one int per sequence, or an int tensor ``[B]`` on
+    the scores' device: sink tokens or the whole prompt) and the ``recent``
+    highest positions of the sequence. The rest of
     the budget goes to the highest scores; ties go to the lower slot index.
 
     Row ``b`` lists the kept slot indices in ascending order, then ``-1`` for
-    each unused place. No host synchronisation.
+    each unused place. No host synchronisation (a list of prefixes is copied to
+    the device each call; a tensor avoids that copy on a hot path).
     """
     B, S = scores.shape
     kept = min(budget, S)
@@ -267,7 +269,9 @@ def attention_column_sums(
     return probs.sum(dim=2)
 
 
-def _per_sequence(value: int | Sequence[int], batch: int, device: torch.device) -> torch.Tensor:
+def _per_sequence(value: int | Sequence[int] | torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.to(torch.int64)
     if isinstance(value, int):
         return torch.full((batch,), value, dtype=torch.int64, device=device)
     return torch.as_tensor(list(value), dtype=torch.int64, device=device)

@@ -306,3 +306,19 @@ def test_evict_end_to_end():
         must_keep = real[(real < prefix[b]) | (real >= real.max() + 1 - recent)]
         assert set(must_keep.tolist()) <= set(kept.tolist()), "protected tokens were evicted"
         assert bool((pos[b, budget:] == -1).all()) and bool(torch.isnan(scores[b, budget:]).all())
+
+
+def test_select_slots_accepts_a_device_tensor_of_prefixes():
+    generator = torch.Generator().manual_seed(7)
+    scores = torch.randn(3, 40, generator=generator)
+    pos = torch.arange(40).repeat(3, 1)
+    prefixes = [2, 9, 5]
+    as_list = ops.select_slots(scores, pos, 16, protect_prefix=prefixes, recent=4)
+    as_tensor = ops.select_slots(scores, pos, 16, protect_prefix=torch.tensor(prefixes), recent=4)
+    assert torch.equal(as_list, as_tensor)
+    with pytest.raises(ValueError, match="protect_prefix must have shape"):
+        ops.select_slots(scores, pos, 16, protect_prefix=torch.tensor([1, 2]), recent=4)
+    with pytest.raises(ValueError, match="protect_prefix must have dtype"):
+        ops.select_slots(scores, pos, 16, protect_prefix=torch.tensor([1.0, 2.0, 3.0]), recent=4)
+    with pytest.raises(ValueError, match="recent window"):
+        ops.select_slots(scores, pos, 3, protect_prefix=torch.tensor(prefixes), recent=4)
