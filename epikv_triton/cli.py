@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -261,8 +262,6 @@ def compare_one_model(args, session: Session, text: str | None) -> dict:
 
 
 def timed(fn):
-    import time
-
     start = time.perf_counter()
     value = fn()
     return value, time.perf_counter() - start

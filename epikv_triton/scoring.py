@@ -234,11 +234,15 @@ class RandomScorer(Scorer):
     """Uniform scores from a generator seeded once per cache: reproducible runs."""
 
     def __init__(self, seed: int):
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
+        self.generator: torch.Generator | None = None
 
     def finish_chunk(self) -> torch.Tensor:
         positions = self.chunk.positions
-        return torch.rand(positions.shape, generator=self.generator).to(positions.device)
+        if self.generator is None:
+            # On the tokens' device, so no host-to-device copy per step.
+            self.generator = torch.Generator(device=positions.device).manual_seed(self.seed)
+        return torch.rand(positions.shape, generator=self.generator, device=positions.device)
 
 
 class PositionScorer(Scorer):
