@@ -12,9 +12,12 @@ from __future__ import annotations
 import os
 from typing import Callable, Sequence
 
+import torch
 import triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Kernels use exp2: log2(e) is folded into the softmax scale on the host.
+LOG2_E = 1.4426950408889634
 
 
 def autotune(
@@ -39,3 +42,17 @@ def launch_options(config: triton.Config | None) -> dict:
     if config is None:
         return {}
     return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
+def autotune_bucket(n: int) -> int:
+    """Power-of-two bucket of a size for autotune keys, so decode does not retune every step."""
+    return triton.next_power_of_2(max(n, 1))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` precision: exact for fp32 inputs (and everything under the interpreter).
+
+    Kernels that recompute each other's scores (attention's lse, H2O's column
+    sums) must use the same one, or ``exp(s - lse)`` drifts.
+    """
+    return "ieee" if (dtype == torch.float32 or INTERPRET) else "tf32"

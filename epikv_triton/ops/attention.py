@@ -37,10 +37,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_support import INTERPRET, autotune, launch_options
+from ._triton_support import INTERPRET, LOG2_E, autotune, autotune_bucket, dot_precision, launch_options
 from .naive import AttentionResult
 
-LOG2_E = 1.4426950408889634
 
 # --------------------------------------------------------------------------- #
 # Config spaces
@@ -314,11 +313,6 @@ def choose_num_splits(batch_kv_heads: int, num_rows: int, num_keys: int, device:
     return max(1, min(wanted, num_keys // MIN_KEYS_PER_SPLIT, MAX_SPLITS))
 
 
-def _bucket(n: int) -> int:
-    """Power-of-two bucket for autotune keys, so decode does not retune every step."""
-    return triton.next_power_of_2(max(n, 1))
-
-
 # --------------------------------------------------------------------------- #
 # Launcher
 # --------------------------------------------------------------------------- #
@@ -391,7 +385,7 @@ def slot_attention(
         *prev_k_strides, *prev_v_strides,
         T, S, D, G, Hkv,
         scale * LOG2_E, window if window is not None else 0,
-        _bucket(num_rows), _bucket(S),
+        autotune_bucket(num_rows), autotune_bucket(S),
     )
     constants = dict(
         BLOCK_D=max(16, triton.next_power_of_2(D)),
@@ -401,7 +395,7 @@ def slot_attention(
         HAS_PREV_K=has_prev_k,
         HAS_PREV_V=has_prev_v,
         UPCAST=INTERPRET,
-        DOT_PRECISION="ieee" if (q.dtype == torch.float32 or INTERPRET) else "tf32",
+        DOT_PRECISION=dot_precision(q.dtype),
     )
 
     def grid(meta: dict) -> tuple[int, int, int]:

@@ -50,9 +50,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_support import INTERPRET, autotune, launch_options
+from ._triton_support import INTERPRET, LOG2_E, autotune, autotune_bucket, dot_precision, launch_options
 
-LOG2_E = 1.4426950408889634
 
 # GPU tuning space. BLOCK_N is the resident key tile (like the K/V tile of a
 # FlashAttention backward), BLOCK_M the streamed query-row tile. Prefill is
@@ -166,11 +165,6 @@ def _column_sums_kernel(
 _column_sums_autotuned = autotune(COLUMN_SUM_CONFIGS, AUTOTUNE_KEY, COLUMN_SUM_INTERPRET_CONFIG)(_column_sums_kernel)
 
 
-def _bucket(n: int) -> int:
-    """Power-of-two bucket for autotune keys, so decode does not retune every step."""
-    return triton.next_power_of_2(max(n, 1))
-
-
 # --------------------------------------------------------------------------- #
 # Launcher
 # --------------------------------------------------------------------------- #
@@ -204,7 +198,7 @@ def attention_column_sums(
         *q.stride(), *k.stride(), *pos.stride(), *lse.stride(),
         T, S, D, G, Hkv,
         scale * LOG2_E, window if window is not None else 0,
-        _bucket(T * G), _bucket(S),
+        autotune_bucket(T * G), autotune_bucket(S),
     )
     constants = dict(
         BLOCK_D=max(16, triton.next_power_of_2(D)),
@@ -212,7 +206,7 @@ def attention_column_sums(
         UPCAST=INTERPRET,
         # Must match the forward kernel's scores, or exp(s − lse) drifts from
         # the probabilities lse normalised (tf32 only matters for fp32 inputs).
-        DOT_PRECISION="ieee" if (q.dtype == torch.float32 or INTERPRET) else "tf32",
+        DOT_PRECISION=dot_precision(q.dtype),
     )
 
     def grid(meta: dict) -> tuple[int, int]:
