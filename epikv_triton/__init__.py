@@ -17,6 +17,7 @@ _LAZY = {
     "patch": ("epikv_triton.integrations.hf", "patch"),
     "unpatch": ("epikv_triton.integrations.hf", "unpatch"),
     "new_cache": ("epikv_triton.integrations.hf", "new_cache"),
+    "cache_keyword": ("epikv_triton.integrations.keywords", "cache_keyword"),
 }
 
 
@@ -32,4 +33,4 @@ def __dir__() -> list[str]:
     return sorted([*globals(), *_LAZY])
 
 
-__all__ = ["EpiKVConfig", "__version__", "new_cache", "ops", "patch", "unpatch"]
+__all__ = ["EpiKVConfig", "__version__", "cache_keyword", "new_cache", "ops", "patch", "unpatch"]

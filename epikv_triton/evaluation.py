@@ -1,6 +1,7 @@
 """How close a bounded cache stays to the full one: agreement and teacher-forced NLL.
 
-The model objects come from the caller; nothing here imports transformers.
+The model objects come from the caller; nothing here imports transformers
+(the cache keyword is read off the model's forward signature).
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ import time
 from dataclasses import dataclass
 
 import torch
+
+from .integrations.keywords import cache_keyword
 
 
 @dataclass
@@ -50,13 +53,14 @@ def teacher_forced(model, context: torch.Tensor, continuation: torch.Tensor, new
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     cache = new_cache()
+    keyword = cache_keyword(model)
     tokens = torch.cat([context, continuation], dim=1)
     first_target = context.shape[1]
     total_nll, predictions, peak = 0.0, [], 0
     with torch.inference_mode():
         for start in range(0, tokens.shape[1] - 1, chunk):
             piece = tokens[:, start : min(start + chunk, tokens.shape[1] - 1)]
-            logits = model(input_ids=piece, past_key_values=cache, use_cache=True).logits.float()
+            logits = model(input_ids=piece, **{keyword: cache}, use_cache=True).logits.float()
             peak = max(peak, kv_bytes(cache))
             # Logit i of this piece predicts token start + i + 1; keep those that are continuation tokens.
             targets = torch.arange(start + 1, start + 1 + piece.shape[1], device=tokens.device)
@@ -96,7 +100,7 @@ def greedy_generation(model, inputs: dict, new_tokens: int, streamer=None, fixed
         )
     seconds = time.perf_counter() - start
     generated = output.sequences[0, inputs["input_ids"].shape[1] :].tolist()
-    cache = output.past_key_values
+    cache = getattr(output, cache_keyword(model))
     if hasattr(cache, "stats"):
         kept = cache.stats().sequences[0].tokens_kept
     else:

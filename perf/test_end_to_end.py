@@ -264,12 +264,12 @@ class GreedyDecoder:
 
     def __init__(self, model: LlamaForCausalLM, cache: Cache):
         self.model = model
-        self.cache = cache
+        self.cache_kwargs = {epikv_triton.cache_keyword(model): cache}
         self.next_token: torch.Tensor | None = None
 
     def _forward(self, input_ids: torch.Tensor) -> None:
         # logits_to_keep=1: only the last position's logits, as generate computes them.
-        out = self.model(input_ids=input_ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        out = self.model(input_ids=input_ids, **self.cache_kwargs, use_cache=True, logits_to_keep=1)
         self.next_token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
 
     def read(self, tokens: torch.Tensor, chunk: int = READ_CHUNK) -> None:

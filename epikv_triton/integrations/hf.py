@@ -2,8 +2,9 @@
 
 How a patched model runs one forward pass (one chunk of new tokens):
 
-1. A forward pre-hook on the decoder stack takes the ``EpiKVCache`` from
-   ``past_key_values`` (or makes a fresh one), derives the new tokens'
+1. A forward pre-hook on the decoder stack takes the ``EpiKVCache`` from the
+   call's cache keyword (``cache``, or ``past_key_values`` before
+   transformers 5.24; see :mod:`.keywords`), or makes a fresh one, derives the new tokens'
    absolute positions from ``position_ids`` / the 2D padding mask (``-1`` for
    padding) and opens a chunk in the slot store. When the caller gave no
    ``position_ids`` it passes these positions on, so RoPE and visibility agree.
@@ -38,6 +39,7 @@ from ..scoring import make_scorer
 from . import llama, qwen2, qwen3
 from .adapter import ModelAdapter
 from .cache import EpiKVCache
+from .keywords import cache_keyword, pop_cache
 
 ATTENTION_NAME = "epikv"
 ADAPTERS: dict[str, ModelAdapter] = {a.model_type: a for a in (llama.ADAPTER, qwen2.ADAPTER, qwen3.ADAPTER)}
@@ -51,6 +53,7 @@ class _Patch:
     config: EpiKVConfig
     num_layers: int
     windows: list[int | None]
+    cache_keyword: str  # what the installed transformers calls the cache argument
     original_attn_implementation: str
     own_generate: Any  # the instance's own ``generate`` attribute before patching, if any
     hooks: list[torch.utils.hooks.RemovableHandle] = field(default_factory=list)
@@ -85,10 +88,12 @@ def patch(model: nn.Module, **settings: Any) -> nn.Module:
     num_layers = model.config.num_hidden_layers
     # Built before touching the model, so bands that do not fit its depth fail here, leaving it as it was.
     hidden_layers = make_scorer(config, num_layers).hidden_layers
+    decoder = model.get_decoder()
     state = _Patch(
         config=config,
         num_layers=num_layers,
         windows=adapter.sliding_windows(model.config),
+        cache_keyword=cache_keyword(decoder),
         original_attn_implementation=model.config._attn_implementation,
         own_generate=vars(model).get("generate"),
     )
@@ -96,7 +101,6 @@ def patch(model: nn.Module, **settings: Any) -> nn.Module:
     model.set_attn_implementation(ATTENTION_NAME)
 
     layers = adapter.decoder_layers(model)
-    decoder = model.get_decoder()
     state.hooks.append(decoder.register_forward_pre_hook(functools.partial(_begin_forward, state), with_kwargs=True))
     state.hooks.append(decoder.register_forward_hook(functools.partial(_end_forward, state), always_call=True))
     for index in hidden_layers:
@@ -134,8 +138,9 @@ def new_cache(
 ) -> EpiKVCache:
     """A fresh bounded cache for a hand-written forward loop over ``model`` (patched).
 
-    Feed it chunks of any length with ``model(input_ids=chunk, past_key_values=cache,
-    use_cache=True)``; it evicts between chunks exactly as ``generate`` does.
+    Feed it chunks of any length with ``model(input_ids=chunk, cache=cache, use_cache=True)``
+    (``past_key_values=cache`` before transformers 5.24; :func:`.keywords.cache_keyword`
+    tells which); it evicts between chunks exactly as ``generate`` does.
     ``prompt_length`` (real tokens: one int for every sequence, or one per sequence) tells
     ``keep_prompt=True`` how much to protect when the prompt is read in several
     chunks; by default the first chunk is the prompt. ``expected_length`` (tokens
@@ -181,17 +186,17 @@ def epikv_attention(
 
 
 def _begin_forward(state: _Patch, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    cache = kwargs.get("past_key_values")
+    cache = pop_cache(kwargs)
     if cache is None:
         cache = state.new_cache()
-        kwargs["past_key_values"] = cache
     elif not isinstance(cache, EpiKVCache):
         raise TypeError(
-            f"a model patched by epikv_triton needs an EpiKVCache as past_key_values, got {type(cache).__name__}: "
-            "pass epikv_triton.new_cache(model), or nothing"
+            f"a model patched by epikv_triton needs an EpiKVCache as {state.cache_keyword}, got "
+            f"{type(cache).__name__}: pass epikv_triton.new_cache(model), or nothing"
         )
     elif cache.config != state.config:
         raise ValueError("this EpiKVCache was made for other settings: build it with epikv_triton.new_cache(model)")
+    kwargs[state.cache_keyword] = cache
     inputs = kwargs.get("input_ids", args[0] if args else None)
     if inputs is None:
         inputs = kwargs["inputs_embeds"]
@@ -225,14 +230,16 @@ def _observe_hidden(state: _Patch, layer: int, module: nn.Module, args: tuple, o
 # --------------------------------------------------------------------- generate
 def _generate(state: _Patch, model: nn.Module, original: Any, *args: Any, **kwargs: Any) -> Any:
     """``generate`` with a fresh EpiKVCache per call; unsupported modes raise before any work."""
+    cache = pop_cache(kwargs)
     generation_config = _checked_generation_config(model, kwargs)
-    if kwargs.get("past_key_values") is None:
+    if cache is None:
         prompt_lengths = _prompt_lengths(args, kwargs)
         if prompt_lengths is not None:
             # generate repeats each prompt num_return_sequences times before the prefill.
             copies = generation_config.num_return_sequences or 1
             prompt_lengths = [n for n in prompt_lengths for _ in range(copies)]
-        kwargs["past_key_values"] = state.new_cache(prompt_lengths, _expected_length(args, kwargs, generation_config))
+        cache = state.new_cache(prompt_lengths, _expected_length(args, kwargs, generation_config))
+    kwargs[state.cache_keyword] = cache
     return original(*args, **kwargs)
 
 

@@ -24,6 +24,8 @@ from transformers import (
 
 import epikv_triton
 
+#: What the installed transformers calls the cache argument and output field (``cache`` from 5.24 on).
+CACHE = epikv_triton.cache_keyword(LlamaForCausalLM)
 SHARED_MODELS = Path(__file__).resolve().parents[2].parent / "shared" / "models"
 SLIDING_WINDOW = 8
 
@@ -53,6 +55,11 @@ def tiny_model(family: str, num_layers: int = 3, seed: int = 0) -> torch.nn.Modu
     else:
         raise ValueError(family)
     return model.eval()
+
+
+def cached(cache) -> dict:
+    """``{CACHE: cache}``: the forward keywords that pass ``cache`` on the installed transformers."""
+    return {CACHE: cache}
 
 
 def patched_copy(model: torch.nn.Module, **settings) -> torch.nn.Module:

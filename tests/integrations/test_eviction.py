@@ -8,7 +8,7 @@ from transformers import DynamicCache
 
 import epikv_triton
 
-from .models import greedy, patched_copy, prompts, stories_model, tiny_model
+from .models import CACHE, cached, greedy, patched_copy, prompts, stories_model, tiny_model
 
 BUDGET = 32
 NEW_TOKENS = 200
@@ -19,7 +19,7 @@ def record_steps(model: torch.nn.Module) -> list[dict]:
     steps: list[dict] = []
 
     def hook(module, args, output):
-        cache = output.past_key_values
+        cache = getattr(output, CACHE)
         steps.append(
             dict(
                 kept=cache.kept_positions(),
@@ -44,7 +44,7 @@ def masked_reference(model: torch.nn.Module, inputs: dict, kept_after_step: list
     B, P = ids.shape
     pad = (mask == 0).sum(dim=1)
     cache = DynamicCache(config=model.config)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0), past_key_values=cache)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0), **cached(cache))
     tokens = [out.logits[:, -1].argmax(-1)]
     for step in range(1, new_tokens):
         length = P + step
@@ -55,7 +55,7 @@ def masked_reference(model: torch.nn.Module, inputs: dict, kept_after_step: list
         additive = torch.zeros(B, 1, 1, length).masked_fill(~visible[:, None, None], torch.finfo(torch.float32).min)
         position = (P - pad + step - 1)[:, None]
         out = model(
-            input_ids=tokens[-1][:, None], attention_mask=additive, position_ids=position, past_key_values=cache
+            input_ids=tokens[-1][:, None], attention_mask=additive, position_ids=position, **cached(cache)
         )
         tokens.append(out.logits[:, -1].argmax(-1))
     return torch.stack(tokens, dim=1)
@@ -102,7 +102,7 @@ def test_stats_report_seen_kept_evicted_and_bytes():
     model = patched_copy(tiny_model("llama"), budget=BUDGET, recent=8)
     inputs = prompts(2)
     cache = epikv_triton.new_cache(model)
-    model(**inputs, past_key_values=cache, use_cache=True)
+    model(**inputs, **cached(cache), use_cache=True)
     stats = cache.stats()
     assert [s.tokens_seen for s in stats.sequences] == [12, 7]
     assert [s.tokens_kept for s in stats.sequences] == [12, 7]
@@ -110,7 +110,7 @@ def test_stats_report_seen_kept_evicted_and_bytes():
     mask = inputs["attention_mask"]
     for _ in range(40):
         mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1)
-        model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True)
+        model(input_ids=token, attention_mask=mask, **cached(cache), use_cache=True)
     stats = cache.stats()
     assert [s.tokens_seen for s in stats.sequences] == [52, 47]
     assert [s.tokens_kept for s in stats.sequences] == [BUDGET, BUDGET]
@@ -120,7 +120,7 @@ def test_stats_report_seen_kept_evicted_and_bytes():
     assert stats.capacity == BUDGET + 1 and stats.peak_slots_used <= BUDGET + 1
     assert cache.get_seq_length() == 52
     cache.reset()
-    model(**inputs, past_key_values=cache, use_cache=True)
+    model(**inputs, **cached(cache), use_cache=True)
     assert [s.tokens_seen for s in cache.stats().sequences] == [12, 7]
     assert cache.get_seq_length() == 12
 
@@ -128,10 +128,10 @@ def test_stats_report_seen_kept_evicted_and_bytes():
 def test_one_declared_prompt_length_covers_the_batch():
     model = patched_copy(tiny_model("llama"), budget=BUDGET, recent=8)
     cache = epikv_triton.new_cache(model, prompt_length=10)
-    model(**prompts(2), past_key_values=cache, use_cache=True)
+    model(**prompts(2), **cached(cache), use_cache=True)
     assert cache.slots.prompt_lengths == [10, 10]
     with pytest.raises(ValueError, match="3 prompt lengths were declared for a batch of 2"):
-        model(**prompts(2), past_key_values=epikv_triton.new_cache(model, prompt_length=[4, 5, 6]), use_cache=True)
+        model(**prompts(2), **cached(epikv_triton.new_cache(model, prompt_length=[4, 5, 6])), use_cache=True)
 
 
 def test_full_method_never_evicts():

@@ -14,7 +14,7 @@ import statistics
 import pytest
 import torch
 
-from .models import greedy, patched_copy, prompts, tiny_model
+from .models import CACHE, greedy, patched_copy, prompts, tiny_model
 
 BUDGET, RECENT, WINDOW, LAG_CHUNK = 24, 4, 16, 16
 NUM_LAYERS, NEW_TOKENS = 5, 80
@@ -30,7 +30,7 @@ class Tap:
         self.kept: list[list[list[int]]] = []
         layers = model.model.layers
         model.model.register_forward_pre_hook(self._new_forward)
-        model.register_forward_hook(lambda module, args, out: self.kept.append(out.past_key_values.kept_positions()))
+        model.register_forward_hook(lambda module, args, out: self.kept.append(getattr(out, CACHE).kept_positions()))
         for index, layer in enumerate(layers):
             layer.register_forward_hook(lambda module, args, out, i=index: self.hidden[-1].__setitem__(i, out.double()))
             layer.self_attn.register_forward_pre_hook(

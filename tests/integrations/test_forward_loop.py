@@ -7,7 +7,7 @@ import torch
 
 import epikv_triton
 
-from .models import greedy, patched_copy, prompts, tiny_model
+from .models import cached, greedy, patched_copy, prompts, tiny_model
 
 BUDGET, RECENT, NEW_TOKENS = 32, 8, 60
 
@@ -19,12 +19,12 @@ def forward_loop(model, inputs: dict, chunk: int, new_tokens: int) -> tuple[torc
     capacities = []
     for start in range(0, ids.shape[1], chunk):
         end = start + chunk
-        out = model(input_ids=ids[:, start:end], attention_mask=mask[:, :end], past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids[:, start:end], attention_mask=mask[:, :end], **cached(cache), use_cache=True)
         capacities.append(cache.stats().capacity)
     tokens = [out.logits[:, -1].argmax(-1, keepdim=True)]
     for _ in range(new_tokens - 1):
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        out = model(input_ids=tokens[-1], attention_mask=mask, past_key_values=cache, use_cache=True)
+        out = model(input_ids=tokens[-1], attention_mask=mask, **cached(cache), use_cache=True)
         tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
         capacities.append(cache.stats().capacity)
     return torch.cat(tokens, dim=1), capacities

@@ -8,7 +8,7 @@ from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
 import epikv_triton
 
-from .models import greedy, patched_copy, prompts, tiny_model
+from .models import cached, greedy, patched_copy, prompts, tiny_model
 
 
 def test_unpatch_restores_original_outputs_exactly():
@@ -87,7 +87,7 @@ def test_assistant_model_raises():
 def test_cache_rollback_and_reorder_raise():
     model = patched_copy(tiny_model("llama"), budget=16)
     cache = epikv_triton.new_cache(model)
-    model(**prompts(1), past_key_values=cache, use_cache=True)
+    model(**prompts(1), **cached(cache), use_cache=True)
     with pytest.raises(NotImplementedError, match="crop"):
         cache.crop(-1)
     with pytest.raises(NotImplementedError, match="beam search"):
@@ -107,7 +107,7 @@ def test_keep_prompt_with_prompt_over_budget():
     with pytest.raises(ValueError, match=r"longest prompt \(40 tokens\).*keep_prompt=False"):
         greedy(model, long_prompt, 5)
     with pytest.raises(ValueError, match=r"longest prompt \(40 tokens\)"):
-        model(**long_prompt, past_key_values=epikv_triton.new_cache(model), use_cache=True)
+        model(**long_prompt, **cached(epikv_triton.new_cache(model)), use_cache=True)
     relaxed = patched_copy(tiny_model("llama"), budget=32, recent=8, keep_prompt=False)
     assert greedy(relaxed, long_prompt, 5).shape == (1, 45)
 
@@ -116,7 +116,7 @@ def test_foreign_cache_and_4d_mask_raise():
     model = patched_copy(tiny_model("llama"), budget=16)
     inputs = prompts(1)
     with pytest.raises(TypeError, match="needs an EpiKVCache"):
-        model(**inputs, past_key_values=DynamicCache(), use_cache=True)
+        model(**inputs, **cached(DynamicCache()), use_cache=True)
     with pytest.raises(ValueError, match="2D padding mask"):
         model(input_ids=inputs["input_ids"], attention_mask=torch.ones(1, 1, 12, 12))
 
