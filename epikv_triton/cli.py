@@ -89,7 +89,7 @@ class Session:
 
 
 def open_session(args, spec: str) -> Session:
-    from .integrations import loading
+    from . import loading
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -122,8 +122,8 @@ def full_kv_bytes(model, tokens: int) -> int:
 
 
 def run_generate(args) -> dict:
-    from . import evaluation
-    from .integrations import hf, loading
+    from . import evaluation, loading
+    from .integrations import hf
 
     for flag in ("model", "method", "budget"):
         if len(getattr(args, flag) or []) > 1:
@@ -184,8 +184,8 @@ def compare_one_model(args, session: Session, text: str | None) -> dict:
     from tabulate import tabulate
     from tqdm.auto import tqdm
 
-    from . import evaluation
-    from .integrations import hf, loading
+    from . import evaluation, loading
+    from .integrations import hf
 
     model = session.loaded.model
     methods = args.method or DEFAULT_COMPARE_METHODS
@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         torch.set_num_threads(args.threads)
-        from .integrations import loading
+        from . import loading
 
         loading.quiet_transformers()
         report = args.run(args)

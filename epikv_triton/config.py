@@ -1,4 +1,4 @@
-"""EpiKVConfig: every knob of the method (DESIGN.md section 2), validated.
+"""EpiKVConfig: every knob of the methods (``docs/method.md``), validated.
 
 Transformers-free. The layer bands depend on the model's depth, so they are
 resolved per model with :meth:`EpiKVConfig.resolve_bands`.
@@ -24,7 +24,7 @@ _DEFAULT_WEIGHTS = {"epikv": (1.29, 1.0), "epikv_flat": (1.0, 1.0), "kv": (1.29,
 
 
 def round_half_up(x: float) -> int:
-    """``floor(x + 0.5)``: the rounding DESIGN.md 2.1 specifies (Python's ``round`` is banker's)."""
+    """``floor(x + 0.5)``: the rounding of the default bands (``docs/method.md`` section 1; Python's ``round`` is banker's)."""
     return math.floor(x + 0.5)
 
 
@@ -105,7 +105,7 @@ class EpiKVConfig:
         """The two layer bands for a model of ``num_layers`` decoder layers (0-based, inclusive).
 
         Explicit ``bands`` win; otherwise ``epikv``/``kv`` use the fractions of
-        depth of DESIGN.md 2.1 and ``epikv_flat`` one layer per band (10 and 21
+        depth of ``docs/method.md`` section 1 and ``epikv_flat`` one layer per band (10 and 21
         of 32). Raises when a band is empty, out of range, or the bands overlap.
         """
         if self.bands is not None:

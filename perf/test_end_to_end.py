@@ -33,7 +33,7 @@ Groups:
   per policy; at each checkpoint the KV bytes held and the tokens/s of the
   segment since the previous checkpoint (and, on a GPU, the allocator's peak).
   ``EPIKV_PERF_GENERATED`` sets the longest generated length (default 4096
-  on CPU, 8192 on GPU; the DESIGN target is measured with 32768).
+  on CPU, 8192 on GPU; the GPU target is measured with 32768).
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ class ModelShape:
 
 
 if ON_GPU:
-    # Llama-3.2-1B-like widths with 128-wide heads (the DESIGN's kernel target).
+    # Llama-3.2-1B-like widths with 128-wide heads (the kernels' performance target).
     MODEL_SHAPE = ModelShape(16, 2048, 8192, 32, 8, 128, 128256)
 else:
     # 6 layers: the shallowest depth whose default EpiKV bands are disjoint.
@@ -169,9 +169,9 @@ class PerStepGatherLayer(DynamicLayer):
 class PerStepGatherCache(Cache):
     """Bounded cache with the per-step gather of the research code (cat + index every step).
 
-    What it models: the per-step gather DESIGN.md §6 attributes to the
-    authors' research code: the cache kept as plain tensors, each step's
-    keys/values appended with ``torch.cat``, then the cache indexed down to
+    What it models: the per-step gather of the authors' research code (their
+    own notes call it its main throughput bottleneck): the cache kept as plain
+    tensors, each step's keys/values appended with ``torch.cat``, then the cache indexed down to
     the kept tokens, so every layer copies its whole kept cache twice per step
     (one fresh tensor from the cat, one from the gather), where the slot cache
     writes the new token in place and compacts in place.

@@ -1,4 +1,4 @@
-"""EpiKVConfig: defaults of DESIGN.md section 2, band resolution by depth, validation messages."""
+"""EpiKVConfig: defaults of docs/method.md, band resolution by depth, validation messages."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The kept set, step by step, re-derived from DESIGN.md section 2 with plain Python written here.
+"""The kept set, step by step, re-derived from docs/method.md with plain Python written here.
 
 The test taps the patched model with its own hooks (decoder-layer outputs;
 keys and values recomputed from each attention's input and RoPE tables),

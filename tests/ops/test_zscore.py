@@ -1,4 +1,4 @@
-"""Triton rolling z-score vs DESIGN 2.1 written out as a scalar Python loop, and vs the PyTorch twin.
+"""Triton rolling z-score vs docs/method.md section 1 written out as a scalar Python loop, and vs the PyTorch twin.
 
 The Python reference keeps each band's window as a plain list of floats and
 computes the population mean and std of it directly, so it shares no code
@@ -22,7 +22,7 @@ EPS = 1e-6
 
 
 def python_rolling_zscore(values, ring, count, weights, eps=EPS):
-    """Score [B][T] and the final (ring, count) state, from DESIGN 2.1 with scalar floats.
+    """Score [B][T] and the final (ring, count) state, from docs/method.md section 1 with scalar floats.
 
     The window of a band is the list of its last min(count, W) pushed values;
     a NaN value is "no value": not pushed, contributes 0 to the score.

