@@ -2,7 +2,8 @@
 
 One buffer holds every layer's keys and values, ``kv [2, L, B, Hkv, capacity, D]``,
 so one :func:`ops.compact_slots_` call compacts all layers (as the
-``[2L, B, Hkv, fill, D]`` view). Per slot: ``pos [B, capacity]`` int64 absolute
+``[2L, B, Hkv, fill, D]`` view). Slot order carries no meaning (visibility is
+by position); only the new chunk sits in the last slots while it is processed. Per slot: ``pos [B, capacity]`` int64 absolute
 position (``-1`` = empty or padding) and ``scores [B, capacity]`` float32.
 
 A forward pass is one *chunk* of ``T`` new tokens per sequence:
@@ -33,12 +34,18 @@ from .scoring import AttentionView, ChunkInfo, make_scorer
 
 @dataclass(frozen=True)
 class SequenceStats:
-    """One sequence of the batch: real tokens only (padding is never counted)."""
+    """One sequence of the batch: real tokens only (padding is never counted).
+
+    ``slots_moved``: slots the evictions moved to fill the holes they left (each
+    one ``2 · layers · kv_heads · head_dim`` elements); at most the slots each
+    eviction released.
+    """
 
     tokens_seen: int
     tokens_kept: int
     tokens_evicted: int
     kv_bytes: int
+    slots_moved: int
 
 
 @dataclass(frozen=True)
@@ -86,6 +93,7 @@ class SlotCache:
         self.seen: torch.Tensor | None = None  # [B] real tokens seen
         self.last_valid: torch.Tensor | None = None  # [B] last token seen was real
         self.tokens_evicted: torch.Tensor | None = None
+        self.slots_moved: torch.Tensor | None = None  # [B] slots compaction moved, all evictions together
         self.eviction_passes = 0
         self.prompt_lengths = self.declared_prompt_lengths
         self.prompt_prefix: torch.Tensor | None = None  # prompt_lengths on the device, for eviction
@@ -136,6 +144,7 @@ class SlotCache:
             self.seen = torch.zeros(B, dtype=torch.int64, device=positions.device)
             self.last_valid = torch.zeros(B, dtype=torch.bool, device=positions.device)
             self.tokens_evicted = torch.zeros(B, dtype=torch.int64, device=positions.device)
+            self.slots_moved = torch.zeros(B, dtype=torch.int64, device=positions.device)
         elif B != self.seen.shape[0]:
             raise ValueError(f"this cache holds {self.seen.shape[0]} sequences; the chunk has {B}")
         valid = positions >= 0
@@ -233,18 +242,25 @@ class SlotCache:
 
     # --------------------------------------------------------------- eviction
     def evict(self) -> None:
-        """Keep ``budget`` slots per sequence (protected first, then highest scores), compacted in place."""
+        """Keep ``budget`` slots per sequence (protected first, then highest scores), compacted in place.
+
+        Only the kept slots at or above the new fill move, into the freed slots
+        below it: an eviction moves at most as many slots as it releases.
+        """
         config = self.config
         used = self.fill
         pos, scores = self.pos[:, :used], self.scores[:, :used]
         protect = self._prompt_prefix(pos.device) if config.keep_prompt else config.sink
         real_before = (pos >= 0).sum(dim=1)
         keep = ops.select_slots(scores, pos, config.budget, protect_prefix=protect, recent=config.recent)
+        fill = min(config.budget, used)
+        destination = ops.compaction_plan(keep, fill)
         _, L, B, H, capacity, D = self.kv.shape
         planes = self.kv.view(2 * L, B, H, capacity, D)[:, :, :, :used]
-        ops.compact_slots_(planes, pos, scores, keep)
-        self.tokens_evicted += real_before - (keep >= 0).sum(dim=1)
-        self.fill = keep.shape[1]
+        ops.compact_slots_(planes, pos, scores, destination)
+        self.tokens_evicted += real_before - keep.sum(dim=1)
+        self.slots_moved += (destination >= 0).sum(dim=1)
+        self.fill = fill
         self.eviction_passes += 1
 
     def _prompt_prefix(self, device: torch.device) -> torch.Tensor:
@@ -306,8 +322,10 @@ class SlotCache:
         bytes_per_token = 2 * L * H * D * self.kv.element_size()
         kept = (self.pos[:, : self.fill] >= 0).sum(dim=1).tolist()
         sequences = [
-            SequenceStats(int(seen), int(k), int(evicted), int(k) * bytes_per_token)
-            for seen, k, evicted in zip(self.seen.tolist(), kept, self.tokens_evicted.tolist())
+            SequenceStats(int(seen), int(k), int(evicted), int(k) * bytes_per_token, int(moved))
+            for seen, k, evicted, moved in zip(
+                self.seen.tolist(), kept, self.tokens_evicted.tolist(), self.slots_moved.tolist()
+            )
         ]
         allocated = self.kv.numel() * self.kv.element_size() + self.pos.numel() * 8 + self.scores.numel() * 4
         return CacheStats(sequences, self.fill, self.peak_fill, capacity, allocated, self.eviction_passes)
