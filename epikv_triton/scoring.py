@@ -221,8 +221,9 @@ class LagKVScorer(Scorer):
 
         index = self.offset.clamp(max=self.segments - 1)[None, :, None, :, None].expand_as(kv)
         lo, hi = ref_min.gather(3, index), ref_max.gather(3, index)
-        lagged_std = ((kv - lo) / (hi - lo + 1e-9)).std(dim=-1, unbiased=False)
-        std = torch.where(self.normalised[None, :, None], lagged_std, kv.std(dim=-1, unbiased=False))
+        # Lag chunk 0 has no reference: its tokens keep their raw values (one std for every token).
+        spread = torch.where(self.normalised[None, :, None, :, None], (kv - lo) / (hi - lo + 1e-9), kv)
+        std = spread.std(dim=-1, unbiased=False)
         per_token = std.sum(dim=0).mean(dim=1)  # keys + values, mean over heads: [B, T]
         self.total += torch.where(self.chunk.valid, per_token, 0.0) / self.num_layers
         self._keep_last_segment(layer, seg_min, seg_max, ref_min, ref_max)
