@@ -13,9 +13,15 @@ fixes the new tokens' scores and evicts when the cache holds
 ``budget + evict_every`` tokens or more. New tokens are written in place at
 ``[fill, fill + T)``; nothing is concatenated.
 
-Capacity is ``budget + evict_every`` slots, enough for decoding and for any
-chunk of at most ``evict_every`` tokens; a chunk that does not fit even after
-evicting grows the buffers once, to exactly what it needs (``budget + T``).
+Capacity is allocated once, at the first chunk: ``budget + evict_every``
+slots, enough for decoding and for any chunk of at most ``evict_every``
+tokens, or ``budget + C`` when the first chunk (``C`` tokens) is the first of
+a prompt read in chunks (the declared prompt is longer than it: ``generate``
+declares it, a ``new_cache`` loop passes ``prompt_length``). A chunked read
+(``generate(..., prefill_chunk_size=C)`` or a loop) then never holds more
+than ``budget + max(C, evict_every)`` slots. Only a chunk longer than any
+planned for grows the buffers, once, to exactly what it needs
+(``budget + T``); growing copies, so the old and new buffers briefly coexist.
 ``full`` (no eviction) allocates the expected stream length when it is known
 (``generate`` passes it) and otherwise grows geometrically.
 """
@@ -273,10 +279,21 @@ class SlotCache:
     def _capacity_for(self, num_tokens: int) -> int:
         needed = self.fill + num_tokens
         if self.config.evicts:
-            return max(self.config.budget + self.config.evict_every, needed)
+            room = self.config.evict_every
+            if self.kv is None and self._prompt_continues():
+                room = max(room, num_tokens)  # every later chunk of the read fits beside the budget
+            return max(self.config.budget + room, needed)
         if self.expected_length is not None and self.expected_length >= needed:
             return self.expected_length
         return max(2 * needed, 64)
+
+    def _prompt_continues(self) -> bool:
+        """The declared prompt of some sequence is longer than its real tokens in the first chunk:
+        the prompt is being read in chunks. One host read, at the first allocation only."""
+        if self.prompt_lengths is None:
+            return False  # undeclared: the first chunk is the prompt
+        in_chunk = self.chunk.valid.sum(dim=1).tolist()
+        return any(declared > read for declared, read in zip(self.prompt_lengths, in_chunk))
 
     def _make_room(self, num_tokens: int) -> None:
         capacity = self.kv.shape[4]

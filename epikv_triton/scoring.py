@@ -155,6 +155,8 @@ def step_norms(hidden: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
     temporaries stay a fixed size: a long prefill chunk never allocates a
     float32 copy of its hidden states.
     """
+    # A score only steers eviction: no gradient flows through it (and out= needs no autograd).
+    hidden, previous = hidden.detach(), previous.detach()
     B, T, H = hidden.shape
     norms = torch.empty(B, T, dtype=torch.float32, device=hidden.device)
     step = max(1, STEP_NORM_SLICE_ELEMENTS // max(B * H, 1))
