@@ -66,11 +66,6 @@ class AttentionView:
     window: int | None
     result: ops.AttentionResult
 
-    def new_keys_values(self) -> torch.Tensor:
-        """``[2, B, Hkv, T, D]`` float32 keys and values of the new tokens."""
-        T = self.num_new
-        return torch.stack([self.keys[:, :, -T:], self.values[:, :, -T:]]).float()
-
 
 class Scorer:
     """Base of the scorers: the hooks default to "signal not needed"; ``finish_chunk`` is each method's own."""
@@ -144,8 +139,9 @@ class BandScorer(Scorer):
         return ops.rolling_zscore(values, self.ring, self.count, self.weights)
 
 
-# Float32 elements per slice of step_norms: bounds its temporaries (16 MiB each) whatever the chunk length.
-STEP_NORM_SLICE_ELEMENTS = 2**22
+# Float32 elements per slice of a chunk-wide computation: bounds its temporaries (16 MiB each) whatever
+# the chunk length.
+TEMPORARY_SLICE_ELEMENTS = 2**22
 
 
 def step_norms(hidden: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
@@ -159,7 +155,7 @@ def step_norms(hidden: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
     hidden, previous = hidden.detach(), previous.detach()
     B, T, H = hidden.shape
     norms = torch.empty(B, T, dtype=torch.float32, device=hidden.device)
-    step = max(1, STEP_NORM_SLICE_ELEMENTS // max(B * H, 1))
+    step = max(1, TEMPORARY_SLICE_ELEMENTS // max(B * H, 1))
     for start in range(0, T, step):
         end = min(start + step, T)
         if start == 0:
@@ -179,7 +175,7 @@ class LagKVScorer(Scorer):
     (``acc``, chunk index ``acc_chunk``) and of the one before it (``ref``).
     A forward chunk costs O(T): one segment min/max per lag chunk it touches
     (``scatter_reduce`` by chunk offset), then a shift by one segment gives each
-    token its reference.
+    token its reference; the float32 work runs in fixed-size slices of tokens.
     """
 
     def __init__(self, num_layers: int, chunk_length: int):
@@ -207,59 +203,62 @@ class LagKVScorer(Scorer):
         self.total = torch.zeros(chunk.positions.shape, dtype=torch.float32, device=chunk.positions.device)
 
     def observe_attention(self, layer: int, view: AttentionView) -> None:
-        kv = view.new_keys_values()  # [2, B, H, T, D]
+        T = view.num_new
+        keys, values = view.keys[:, :, -T:], view.values[:, :, -T:]
+        two, (B, H, _, D) = 2, keys.shape
         if self.acc_chunk[layer] is None:
-            self._init_state(layer, kv)
-        seg_min, seg_max = self._segment_ranges(kv)  # [2, B, H, segments, D]
-        # The first segment continues the chunk in progress when it is the same lag chunk.
+            self._init_state(layer, (two, B, H, D), keys.device)
+        # Segment 0 continues the lag chunk in progress when it is the same one; its reference is then the
+        # stored one, else the chunk just finished.
         continues = (self.acc_chunk[layer] == self.first)[None, :, None, None]
-        seg_min[:, :, :, 0] = torch.where(continues, torch.minimum(seg_min[:, :, :, 0], self.acc_min[layer]), seg_min[:, :, :, 0])
-        seg_max[:, :, :, 0] = torch.where(continues, torch.maximum(seg_max[:, :, :, 0], self.acc_max[layer]), seg_max[:, :, :, 0])
-        # Reference of the first segment: the stored one if its chunk continues, else the chunk just finished.
-        first_ref_min = torch.where(continues, self.ref_min[layer], self.acc_min[layer])
-        first_ref_max = torch.where(continues, self.ref_max[layer], self.acc_max[layer])
-        ref_min = torch.cat([first_ref_min[:, :, :, None], seg_min[:, :, :, :-1]], dim=3)
-        ref_max = torch.cat([first_ref_max[:, :, :, None], seg_max[:, :, :, :-1]], dim=3)
-
-        index = self.offset.clamp(max=self.segments - 1)[None, :, None, :, None].expand_as(kv)
-        lo, hi = ref_min.gather(3, index), ref_max.gather(3, index)
-        # Lag chunk 0 has no reference: its tokens keep their raw values (one std for every token).
-        spread = torch.where(self.normalised[None, :, None, :, None], (kv - lo) / (hi - lo + 1e-9), kv)
-        std = spread.std(dim=-1, unbiased=False)
-        per_token = std.sum(dim=0).mean(dim=1)  # keys + values, mean over heads: [B, T]
-        self.total += torch.where(self.chunk.valid, per_token, 0.0) / self.num_layers
-        self._keep_last_segment(layer, seg_min, seg_max, ref_min, ref_max)
+        seg_min = torch.full((two, B, H, self.segments + 1, D), float("inf"), device=keys.device)
+        seg_max = torch.full_like(seg_min, float("-inf"))
+        seg_min[:, :, :, 0] = torch.where(continues, self.acc_min[layer], float("inf"))
+        seg_max[:, :, :, 0] = torch.where(continues, self.acc_max[layer], float("-inf"))
+        first_ref_min = torch.where(continues, self.ref_min[layer], self.acc_min[layer])[:, :, :, None]
+        first_ref_max = torch.where(continues, self.ref_max[layer], self.acc_max[layer])[:, :, :, None]
+        # Slices in stream order: a token's reference segment lies wholly before it, so it is complete once
+        # the token's own slice is reduced. Slicing bounds the float32 temporaries, whatever T.
+        step = max(1, TEMPORARY_SLICE_ELEMENTS // (two * B * H * D))
+        for start in range(0, T, step):
+            end = min(start + step, T)
+            kv = torch.stack([keys[:, :, start:end], values[:, :, start:end]]).float()  # [2, B, H, t, D]
+            index = self.offset[None, :, None, start:end, None].expand_as(kv)
+            seg_min.scatter_reduce_(3, index, kv, "amin")
+            seg_max.scatter_reduce_(3, index, kv, "amax")
+            # Entry o of these tables is the reference of segment o: segment o - 1, or first_ref for o = 0.
+            lo = torch.cat([first_ref_min, seg_min], dim=3).gather(3, index)
+            hi = torch.cat([first_ref_max, seg_max], dim=3).gather(3, index)
+            # Lag chunk 0 has no reference: its tokens keep their raw values.
+            normalised = self.normalised[None, :, None, start:end, None]
+            spread = torch.where(normalised, (kv - lo) / (hi - lo + 1e-9), kv).std(dim=-1, unbiased=False)
+            per_token = spread.sum(dim=0).mean(dim=1)  # keys + values, mean over heads: [B, t]
+            self.total[:, start:end] += torch.where(self.chunk.valid[:, start:end], per_token, 0.0) / self.num_layers
+        self._keep_last_segment(layer, torch.cat([first_ref_min, seg_min], 3), torch.cat([first_ref_max, seg_max], 3))
         return None
 
-    def _init_state(self, layer: int, kv: torch.Tensor) -> None:
-        stat_shape = kv[:, :, :, 0].shape  # [2, B, H, D]
-        self.acc_min[layer] = torch.full(stat_shape, float("inf"), device=kv.device)
-        self.acc_max[layer] = torch.full(stat_shape, float("-inf"), device=kv.device)
-        self.ref_min[layer] = torch.zeros(stat_shape, device=kv.device)
-        self.ref_max[layer] = torch.zeros(stat_shape, device=kv.device)
-        self.acc_chunk[layer] = torch.full(kv.shape[1:2], -1, dtype=torch.int64, device=kv.device)
+    def _init_state(self, layer: int, stat_shape: tuple[int, ...], device: torch.device) -> None:
+        """``stat_shape`` ``[2, B, H, D]``: per-channel statistics of keys and values."""
+        self.acc_min[layer] = torch.full(stat_shape, float("inf"), device=device)
+        self.acc_max[layer] = torch.full(stat_shape, float("-inf"), device=device)
+        self.ref_min[layer] = torch.zeros(stat_shape, device=device)
+        self.ref_max[layer] = torch.zeros(stat_shape, device=device)
+        self.acc_chunk[layer] = torch.full(stat_shape[1:2], -1, dtype=torch.int64, device=device)
 
-    def _segment_ranges(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-channel min and max of each segment's tokens: ``[2, B, H, segments, D]`` each."""
-        two, B, H, _, D = kv.shape
-        index = self.offset[None, :, None, :, None].expand_as(kv)
-        shape = (two, B, H, self.segments + 1, D)
-        seg_min = kv.new_full(shape, float("inf")).scatter_reduce_(3, index, kv, "amin")
-        seg_max = kv.new_full(shape, float("-inf")).scatter_reduce_(3, index, kv, "amax")
-        return seg_min[:, :, :, :-1], seg_max[:, :, :, :-1]
-
-    def _keep_last_segment(self, layer, seg_min, seg_max, ref_min, ref_max) -> None:
-        """The last segment a sequence reached is its chunk in progress; its reference becomes ``ref``."""
+    def _keep_last_segment(self, layer: int, table_min: torch.Tensor, table_max: torch.Tensor) -> None:
+        """The last segment a sequence reached is its chunk in progress, its reference the entry before it
+        (tables: ``[first_ref, segment 0, segment 1, ...]`` along dim 3)."""
         present = self.present[None, :, None, None]
-        last = self.last_offset[None, :, None, None, None].expand(*seg_min.shape[:3], 1, seg_min.shape[4])
+        two, B, H, _, D = table_min.shape
 
-        def at_last(x: torch.Tensor) -> torch.Tensor:
-            return x.gather(3, last).squeeze(3)
+        def entry(table: torch.Tensor, shift: int) -> torch.Tensor:
+            index = (self.last_offset + shift)[None, :, None, None, None].expand(two, B, H, 1, D)
+            return table.gather(3, index).squeeze(3)
 
-        self.acc_min[layer] = torch.where(present, at_last(seg_min), self.acc_min[layer])
-        self.acc_max[layer] = torch.where(present, at_last(seg_max), self.acc_max[layer])
-        self.ref_min[layer] = torch.where(present, at_last(ref_min), self.ref_min[layer])
-        self.ref_max[layer] = torch.where(present, at_last(ref_max), self.ref_max[layer])
+        self.acc_min[layer] = torch.where(present, entry(table_min, 1), self.acc_min[layer])
+        self.acc_max[layer] = torch.where(present, entry(table_max, 1), self.acc_max[layer])
+        self.ref_min[layer] = torch.where(present, entry(table_min, 0), self.ref_min[layer])
+        self.ref_max[layer] = torch.where(present, entry(table_max, 0), self.ref_max[layer])
         self.acc_chunk[layer] = torch.where(self.present, self.first + self.last_offset, self.acc_chunk[layer])
 
     def finish_chunk(self) -> torch.Tensor:
