@@ -2,9 +2,11 @@
 
 One buffer holds every layer's keys and values, ``kv [2, L, B, Hkv, capacity, D]``,
 so one :func:`ops.compact_slots_` call compacts all layers (as the
-``[2L, B, Hkv, fill, D]`` view). Slot order carries no meaning (visibility is
-by position); only the new chunk sits in the last slots while it is processed. Per slot: ``pos [B, capacity]`` int64 absolute
+``[2L, B, Hkv, fill, D]`` view). Per slot: ``pos [B, capacity]`` int64 absolute
 position (``-1`` = empty or padding) and ``scores [B, capacity]`` float32.
+Slot order carries no meaning (visibility is by position): an eviction moves
+the kept slots above the new fill into the freed ones below it, and only the
+chunk being processed is known to sit in the last slots.
 
 A forward pass is one *chunk* of ``T`` new tokens per sequence:
 ``begin_chunk(positions)`` -> per layer ``write`` then ``attend`` (and

@@ -184,7 +184,9 @@ def select_slots(
 
     Each row keeps ``min(budget, S, real tokens)`` slots. Cost: one partial
     selection of the ``S - min(budget, S)`` slots to drop per row (``topk``
-    with a small ``k``: O(S) per sequence, no sort), no host synchronisation.
+    with a small ``k``: O(S) per sequence, no sort), no host synchronisation
+    (a list of prefixes is copied to the device each call; a tensor avoids that
+    copy on a hot path).
     """
     B, S = scores.shape
     dropped = S - min(budget, S)
