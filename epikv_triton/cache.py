@@ -4,6 +4,9 @@ One buffer holds every layer's keys and values, ``kv [2, L, B, Hkv, capacity, D]
 so one :func:`ops.compact_slots_` call compacts all layers (as the
 ``[2L, B, Hkv, fill, D]`` view). Per slot: ``pos [B, capacity]`` int64 absolute
 position (``-1`` = empty or padding) and ``scores [B, capacity]`` float32.
+Slot order carries no meaning (visibility is by position): an eviction moves
+the kept slots above the new fill into the freed ones below it, and only the
+chunk being processed is known to sit in the last slots.
 
 A forward pass is one *chunk* of ``T`` new tokens per sequence:
 ``begin_chunk(positions)`` -> per layer ``write`` then ``attend`` (and
@@ -12,9 +15,15 @@ fixes the new tokens' scores and evicts when the cache holds
 ``budget + evict_every`` tokens or more. New tokens are written in place at
 ``[fill, fill + T)``; nothing is concatenated.
 
-Capacity is ``budget + evict_every`` slots, enough for decoding and for any
-chunk of at most ``evict_every`` tokens; a chunk that does not fit even after
-evicting grows the buffers once, to exactly what it needs (``budget + T``).
+Capacity is allocated once, at the first chunk: ``budget + evict_every``
+slots, enough for decoding and for any chunk of at most ``evict_every``
+tokens, or ``budget + C`` when the first chunk (``C`` tokens) is the first of
+a prompt read in chunks (the declared prompt is longer than it: ``generate``
+declares it, a ``new_cache`` loop passes ``prompt_length``). A chunked read
+(``generate(..., prefill_chunk_size=C)`` or a loop) then never holds more
+than ``budget + max(C, evict_every)`` slots. Only a chunk longer than any
+planned for grows the buffers, once, to exactly what it needs
+(``budget + T``); growing copies, so the old and new buffers briefly coexist.
 ``full`` (no eviction) allocates the expected stream length when it is known
 (``generate`` passes it) and otherwise grows geometrically.
 """
@@ -33,12 +42,18 @@ from .scoring import AttentionView, ChunkInfo, make_scorer
 
 @dataclass(frozen=True)
 class SequenceStats:
-    """One sequence of the batch: real tokens only (padding is never counted)."""
+    """One sequence of the batch: real tokens only (padding is never counted).
+
+    ``slots_moved``: slots the evictions moved to fill the holes they left (each
+    one ``2 · layers · kv_heads · head_dim`` elements); at most the slots each
+    eviction released.
+    """
 
     tokens_seen: int
     tokens_kept: int
     tokens_evicted: int
     kv_bytes: int
+    slots_moved: int
 
 
 @dataclass(frozen=True)
@@ -86,6 +101,7 @@ class SlotCache:
         self.seen: torch.Tensor | None = None  # [B] real tokens seen
         self.last_valid: torch.Tensor | None = None  # [B] last token seen was real
         self.tokens_evicted: torch.Tensor | None = None
+        self.slots_moved: torch.Tensor | None = None  # [B] slots compaction moved, all evictions together
         self.eviction_passes = 0
         self.prompt_lengths = self.declared_prompt_lengths
         self.prompt_prefix: torch.Tensor | None = None  # prompt_lengths on the device, for eviction
@@ -136,6 +152,7 @@ class SlotCache:
             self.seen = torch.zeros(B, dtype=torch.int64, device=positions.device)
             self.last_valid = torch.zeros(B, dtype=torch.bool, device=positions.device)
             self.tokens_evicted = torch.zeros(B, dtype=torch.int64, device=positions.device)
+            self.slots_moved = torch.zeros(B, dtype=torch.int64, device=positions.device)
         elif B != self.seen.shape[0]:
             raise ValueError(f"this cache holds {self.seen.shape[0]} sequences; the chunk has {B}")
         valid = positions >= 0
@@ -233,18 +250,25 @@ class SlotCache:
 
     # --------------------------------------------------------------- eviction
     def evict(self) -> None:
-        """Keep ``budget`` slots per sequence (protected first, then highest scores), compacted in place."""
+        """Keep ``budget`` slots per sequence (protected first, then highest scores), compacted in place.
+
+        Only the kept slots at or above the new fill move, into the freed slots
+        below it: an eviction moves at most as many slots as it releases.
+        """
         config = self.config
         used = self.fill
         pos, scores = self.pos[:, :used], self.scores[:, :used]
         protect = self._prompt_prefix(pos.device) if config.keep_prompt else config.sink
         real_before = (pos >= 0).sum(dim=1)
         keep = ops.select_slots(scores, pos, config.budget, protect_prefix=protect, recent=config.recent)
+        fill = min(config.budget, used)
+        destination = ops.compaction_plan(keep, fill)
         _, L, B, H, capacity, D = self.kv.shape
         planes = self.kv.view(2 * L, B, H, capacity, D)[:, :, :, :used]
-        ops.compact_slots_(planes, pos, scores, keep)
-        self.tokens_evicted += real_before - (keep >= 0).sum(dim=1)
-        self.fill = keep.shape[1]
+        ops.compact_slots_(planes, pos, scores, destination)
+        self.tokens_evicted += real_before - keep.sum(dim=1)
+        self.slots_moved += (destination >= 0).sum(dim=1)
+        self.fill = fill
         self.eviction_passes += 1
 
     def _prompt_prefix(self, device: torch.device) -> torch.Tensor:
@@ -257,10 +281,21 @@ class SlotCache:
     def _capacity_for(self, num_tokens: int) -> int:
         needed = self.fill + num_tokens
         if self.config.evicts:
-            return max(self.config.budget + self.config.evict_every, needed)
+            room = self.config.evict_every
+            if self.kv is None and self._prompt_continues():
+                room = max(room, num_tokens)  # every later chunk of the read fits beside the budget
+            return max(self.config.budget + room, needed)
         if self.expected_length is not None and self.expected_length >= needed:
             return self.expected_length
         return max(2 * needed, 64)
+
+    def _prompt_continues(self) -> bool:
+        """The declared prompt of some sequence is longer than its real tokens in the first chunk:
+        the prompt is being read in chunks. One host read, at the first allocation only."""
+        if self.prompt_lengths is None:
+            return False  # undeclared: the first chunk is the prompt
+        in_chunk = self.chunk.valid.sum(dim=1).tolist()
+        return any(declared > read for declared, read in zip(self.prompt_lengths, in_chunk))
 
     def _make_room(self, num_tokens: int) -> None:
         capacity = self.kv.shape[4]
@@ -306,8 +341,10 @@ class SlotCache:
         bytes_per_token = 2 * L * H * D * self.kv.element_size()
         kept = (self.pos[:, : self.fill] >= 0).sum(dim=1).tolist()
         sequences = [
-            SequenceStats(int(seen), int(k), int(evicted), int(k) * bytes_per_token)
-            for seen, k, evicted in zip(self.seen.tolist(), kept, self.tokens_evicted.tolist())
+            SequenceStats(int(seen), int(k), int(evicted), int(k) * bytes_per_token, int(moved))
+            for seen, k, evicted, moved in zip(
+                self.seen.tolist(), kept, self.tokens_evicted.tolist(), self.slots_moved.tolist()
+            )
         ]
         allocated = self.kv.numel() * self.kv.element_size() + self.pos.numel() * 8 + self.scores.numel() * 4
         return CacheStats(sequences, self.fill, self.peak_fill, capacity, allocated, self.eviction_passes)

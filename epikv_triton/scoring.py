@@ -1,4 +1,4 @@
-"""Per-token importance scores from forward-pass signals (DESIGN.md section 2).
+"""Per-token importance scores from forward-pass signals (the method: ``docs/method.md``).
 
 Transformers-free. A scorer sees one forward chunk at a time, in stream order:
 ``begin_chunk`` -> ``observe_hidden`` / ``observe_attention`` per layer ->
@@ -66,11 +66,6 @@ class AttentionView:
     window: int | None
     result: ops.AttentionResult
 
-    def new_keys_values(self) -> torch.Tensor:
-        """``[2, B, Hkv, T, D]`` float32 keys and values of the new tokens."""
-        T = self.num_new
-        return torch.stack([self.keys[:, :, -T:], self.values[:, :, -T:]]).float()
-
 
 class Scorer:
     """Base of the scorers: the hooks default to "signal not needed"; ``finish_chunk`` is each method's own."""
@@ -98,7 +93,7 @@ class Scorer:
 
 
 class BandScorer(Scorer):
-    """``w_A·z(a) − w_B·z(b)`` over two layer bands (2.1 ``hidden``, 2.2 ``kv``)."""
+    """``w_A·z(a) − w_B·z(b)`` over two layer bands (``hidden``: residual stream, ``kv``: key/value deltas)."""
 
     def __init__(self, bands: tuple[tuple[int, ...], ...], weights: tuple[float, float], window: int, source: str):
         self.band_of = {layer: band for band, layers in enumerate(bands) for layer in layers}
@@ -125,11 +120,9 @@ class BandScorer(Scorer):
     def observe_hidden(self, layer: int, hidden: torch.Tensor) -> None:
         if layer not in self.band_of:
             return
-        h = hidden.float()
-        previous = self.previous_hidden.get(layer, h[:, 0])
-        before = torch.cat([previous[:, None], h[:, :-1]], dim=1)
-        self.previous_hidden[layer] = h[:, -1].clone()
-        self._add(layer, torch.linalg.vector_norm(h - before, dim=-1))
+        previous = self.previous_hidden.get(layer, hidden[:, 0])
+        self.previous_hidden[layer] = hidden[:, -1].clone()
+        self._add(layer, step_norms(hidden, previous))
 
     def observe_attention(self, layer: int, view: AttentionView) -> None:
         if self.source == "kv" and layer in self.band_of:
@@ -146,11 +139,43 @@ class BandScorer(Scorer):
         return ops.rolling_zscore(values, self.ring, self.count, self.weights)
 
 
-class LagKVScorer(Scorer):
-    """Lag-normalised key/value spread (2.3), per layer and KV head, averaged.
+# Float32 elements per slice of a chunk-wide computation: bounds its temporaries (16 MiB each) whatever
+# the chunk length.
+TEMPORARY_SLICE_ELEMENTS = 2**22
 
-    State per layer: the per-channel min/max of the chunk in progress
-    (``acc``) and of the previous complete chunk (``ref``), for keys and values.
+
+def step_norms(hidden: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` float32 ``‖h[t] − h[t−1]‖₂`` of ``hidden [B, T, H]``, with ``previous [B, H]`` before ``h[0]``.
+
+    Differences and norms are float32, computed over slices of tokens so the
+    temporaries stay a fixed size: a long prefill chunk never allocates a
+    float32 copy of its hidden states.
+    """
+    # A score only steers eviction: no gradient flows through it (and out= needs no autograd).
+    hidden, previous = hidden.detach(), previous.detach()
+    B, T, H = hidden.shape
+    norms = torch.empty(B, T, dtype=torch.float32, device=hidden.device)
+    step = max(1, TEMPORARY_SLICE_ELEMENTS // max(B * H, 1))
+    for start in range(0, T, step):
+        end = min(start + step, T)
+        if start == 0:
+            before = torch.cat([previous[:, None].to(hidden.dtype), hidden[:, : end - 1]], dim=1)
+        else:
+            before = hidden[:, start - 1 : end - 1]
+        torch.linalg.vector_norm(hidden[:, start:end].float() - before.float(), dim=-1, out=norms[:, start:end])
+    return norms
+
+
+class LagKVScorer(Scorer):
+    """Lag-normalised key/value spread, per layer and KV head, averaged (see ``docs/method.md``).
+
+    A token in lag chunk ``c = position // C`` (``c >= 1``) is normalised by the
+    per-channel min/max of chunk ``c - 1``; chunk 0 uses the plain spread.
+    State per layer, per sequence: the min/max of the lag chunk in progress
+    (``acc``, chunk index ``acc_chunk``) and of the one before it (``ref``).
+    A forward chunk costs O(T): one segment min/max per lag chunk it touches
+    (``scatter_reduce`` by chunk offset), then a shift by one segment gives each
+    token its reference; the float32 work runs in fixed-size slices of tokens.
     """
 
     def __init__(self, num_layers: int, chunk_length: int):
@@ -165,47 +190,76 @@ class LagKVScorer(Scorer):
     def begin_chunk(self, chunk: ChunkInfo) -> None:
         super().begin_chunk(chunk)
         valid = chunk.valid
-        self.lag_chunk = torch.where(valid, chunk.positions // self.chunk_length, -1)
-        # Chunk of each sequence's first real token here; tokens are visited chunk by chunk from it.
-        first = torch.where(valid, self.lag_chunk, torch.iinfo(torch.int64).max).min(dim=1).values
-        self.offset = torch.where(valid, self.lag_chunk - first[:, None], -1)
-        self.num_steps = chunk.positions.shape[1] // self.chunk_length + 2
+        T = chunk.positions.shape[1]
+        lag_chunk = chunk.positions // self.chunk_length
+        # A sequence's real positions are consecutive, so its T tokens span at most T // C + 2 lag chunks:
+        # segment `offset` is lag chunk `first + offset`; padding goes to a spare last segment.
+        self.segments = T // self.chunk_length + 2
+        self.first = torch.where(valid, lag_chunk, torch.iinfo(torch.int64).max).min(dim=1).values
+        self.present = valid.any(dim=1)
+        self.offset = torch.where(valid, lag_chunk - self.first[:, None], self.segments)
+        self.last_offset = torch.where(valid, self.offset, -1).max(dim=1).values.clamp(min=0)
+        self.normalised = valid & (lag_chunk >= 1)
         self.total = torch.zeros(chunk.positions.shape, dtype=torch.float32, device=chunk.positions.device)
 
     def observe_attention(self, layer: int, view: AttentionView) -> None:
-        kv = view.new_keys_values()  # [2, B, H, T, D]
+        T = view.num_new
+        keys, values = view.keys[:, :, -T:], view.values[:, :, -T:]
+        two, (B, H, _, D) = 2, keys.shape
         if self.acc_chunk[layer] is None:
-            stat_shape = kv[:, :, :, 0].shape  # [2, B, H, D]
-            self.acc_min[layer] = torch.full(stat_shape, float("inf"), device=kv.device)
-            self.acc_max[layer] = torch.full(stat_shape, float("-inf"), device=kv.device)
-            self.ref_min[layer] = torch.zeros(stat_shape, device=kv.device)
-            self.ref_max[layer] = torch.zeros(stat_shape, device=kv.device)
-            self.acc_chunk[layer] = torch.full(kv.shape[1:2], -1, dtype=torch.int64, device=kv.device)
-        plain_std = kv.std(dim=-1, unbiased=False)  # chunk 0: no reference yet
-        for step in range(self.num_steps):
-            in_step = self.offset == step  # [B, T]
-            present = in_step.any(dim=1)
-            chunk_index = torch.where(in_step, self.lag_chunk, -1).max(dim=1).values
-            self._advance(layer, present & (self.acc_chunk[layer] < chunk_index), chunk_index)
-            lo = self.ref_min[layer][:, :, :, None]
-            hi = self.ref_max[layer][:, :, :, None]
-            lagged_std = ((kv - lo) / (hi - lo + 1e-9)).std(dim=-1, unbiased=False)
-            std = torch.where((self.lag_chunk >= 1)[None, :, None], lagged_std, plain_std)
-            per_token = std.sum(dim=0).mean(dim=1)  # keys + values, mean over heads: [B, T]
-            self.total += torch.where(in_step, per_token, 0.0) / self.num_layers
-            mask = in_step[None, :, None, :, None]
-            self.acc_min[layer] = torch.minimum(self.acc_min[layer], torch.where(mask, kv, float("inf")).amin(dim=3))
-            self.acc_max[layer] = torch.maximum(self.acc_max[layer], torch.where(mask, kv, float("-inf")).amax(dim=3))
+            self._init_state(layer, (two, B, H, D), keys.device)
+        # Segment 0 continues the lag chunk in progress when it is the same one; its reference is then the
+        # stored one, else the chunk just finished.
+        continues = (self.acc_chunk[layer] == self.first)[None, :, None, None]
+        seg_min = torch.full((two, B, H, self.segments + 1, D), float("inf"), device=keys.device)
+        seg_max = torch.full_like(seg_min, float("-inf"))
+        seg_min[:, :, :, 0] = torch.where(continues, self.acc_min[layer], float("inf"))
+        seg_max[:, :, :, 0] = torch.where(continues, self.acc_max[layer], float("-inf"))
+        first_ref_min = torch.where(continues, self.ref_min[layer], self.acc_min[layer])[:, :, :, None]
+        first_ref_max = torch.where(continues, self.ref_max[layer], self.acc_max[layer])[:, :, :, None]
+        # Slices in stream order: a token's reference segment lies wholly before it, so it is complete once
+        # the token's own slice is reduced. Slicing bounds the float32 temporaries, whatever T.
+        step = max(1, TEMPORARY_SLICE_ELEMENTS // (two * B * H * D))
+        for start in range(0, T, step):
+            end = min(start + step, T)
+            kv = torch.stack([keys[:, :, start:end], values[:, :, start:end]]).float()  # [2, B, H, t, D]
+            index = self.offset[None, :, None, start:end, None].expand_as(kv)
+            seg_min.scatter_reduce_(3, index, kv, "amin")
+            seg_max.scatter_reduce_(3, index, kv, "amax")
+            # Entry o of these tables is the reference of segment o: segment o - 1, or first_ref for o = 0.
+            lo = torch.cat([first_ref_min, seg_min], dim=3).gather(3, index)
+            hi = torch.cat([first_ref_max, seg_max], dim=3).gather(3, index)
+            # Lag chunk 0 has no reference: its tokens keep their raw values.
+            normalised = self.normalised[None, :, None, start:end, None]
+            spread = torch.where(normalised, (kv - lo) / (hi - lo + 1e-9), kv).std(dim=-1, unbiased=False)
+            per_token = spread.sum(dim=0).mean(dim=1)  # keys + values, mean over heads: [B, t]
+            self.total[:, start:end] += torch.where(self.chunk.valid[:, start:end], per_token, 0.0) / self.num_layers
+        self._keep_last_segment(layer, torch.cat([first_ref_min, seg_min], 3), torch.cat([first_ref_max, seg_max], 3))
         return None
 
-    def _advance(self, layer: int, advance: torch.Tensor, chunk_index: torch.Tensor) -> None:
-        """Sequences entering a new chunk: the finished one becomes the reference."""
-        gate = advance[None, :, None, None]
-        self.ref_min[layer] = torch.where(gate, self.acc_min[layer], self.ref_min[layer])
-        self.ref_max[layer] = torch.where(gate, self.acc_max[layer], self.ref_max[layer])
-        self.acc_min[layer] = torch.where(gate, float("inf"), self.acc_min[layer])
-        self.acc_max[layer] = torch.where(gate, float("-inf"), self.acc_max[layer])
-        self.acc_chunk[layer] = torch.where(advance, chunk_index, self.acc_chunk[layer])
+    def _init_state(self, layer: int, stat_shape: tuple[int, ...], device: torch.device) -> None:
+        """``stat_shape`` ``[2, B, H, D]``: per-channel statistics of keys and values."""
+        self.acc_min[layer] = torch.full(stat_shape, float("inf"), device=device)
+        self.acc_max[layer] = torch.full(stat_shape, float("-inf"), device=device)
+        self.ref_min[layer] = torch.zeros(stat_shape, device=device)
+        self.ref_max[layer] = torch.zeros(stat_shape, device=device)
+        self.acc_chunk[layer] = torch.full(stat_shape[1:2], -1, dtype=torch.int64, device=device)
+
+    def _keep_last_segment(self, layer: int, table_min: torch.Tensor, table_max: torch.Tensor) -> None:
+        """The last segment a sequence reached is its chunk in progress, its reference the entry before it
+        (tables: ``[first_ref, segment 0, segment 1, ...]`` along dim 3)."""
+        present = self.present[None, :, None, None]
+        two, B, H, _, D = table_min.shape
+
+        def entry(table: torch.Tensor, shift: int) -> torch.Tensor:
+            index = (self.last_offset + shift)[None, :, None, None, None].expand(two, B, H, 1, D)
+            return table.gather(3, index).squeeze(3)
+
+        self.acc_min[layer] = torch.where(present, entry(table_min, 1), self.acc_min[layer])
+        self.acc_max[layer] = torch.where(present, entry(table_max, 1), self.acc_max[layer])
+        self.ref_min[layer] = torch.where(present, entry(table_min, 0), self.ref_min[layer])
+        self.ref_max[layer] = torch.where(present, entry(table_max, 0), self.ref_max[layer])
+        self.acc_chunk[layer] = torch.where(self.present, self.first + self.last_offset, self.acc_chunk[layer])
 
     def finish_chunk(self) -> torch.Tensor:
         return self.total

@@ -6,9 +6,10 @@ Five ops, each with a Triton kernel and a PyTorch twin in :mod:`.naive`:
   emitting the per-new-key delta norms ``‖k_t − k_{t−1}‖``, ``‖v_t − v_{t−1}‖``.
 * :func:`rolling_zscore` — the causal rolling z-score of many bands, combined
   into one score per token, state updated in place.
-* :func:`select_slots` / :func:`compact_slots_` (or both at once,
-  :func:`evict_`) — budgeted selection and in-place compaction of every
-  layer's K and V plus the slot metadata.
+* :func:`select_slots` / :func:`compaction_plan` / :func:`compact_slots_`
+  (or all at once, :func:`evict_`) — budgeted partial selection, then an
+  in-place compaction of every layer's K and V plus the slot metadata that
+  moves only the kept slots above the new fill into the freed slots below it.
 * :func:`attention_column_sums` — the H2O score without the attention matrix:
   pass 2 of a two-pass kernel whose pass 1 is :func:`slot_attention` with
   ``return_lse=True``; exact column sums of the attention probabilities.
@@ -27,7 +28,7 @@ from typing import Sequence
 import torch
 
 from . import naive
-from ._checks import check_attention, check_column_sums, check_compact, check_select, check_zscore
+from ._checks import check_attention, check_column_sums, check_compact, check_plan, check_select, check_zscore
 from .naive import AttentionResult
 
 MAX_TRITON_HEAD_DIM = 256
@@ -141,26 +142,43 @@ def select_slots(
     protect_prefix: int | Sequence[int] | torch.Tensor,
     recent: int,
 ) -> torch.Tensor:
-    """Kept slot indices ``[B, min(budget, S)]`` (ascending, ``-1`` padded); see :func:`.naive.select_slots`.
+    """Kept slots ``[B, S]`` bool, at most ``min(budget, S)`` per row; see :func:`.naive.select_slots`.
 
-    Built from sort and gather, so it runs on the tensors' device with no host
-    synchronisation on either backend. ``protect_prefix`` as ints is checked
-    against the budget; as a device tensor ``[B]`` it is not (that would need a
-    sync), so the caller must guarantee ``max(prefix) + recent <= budget``.
+    A partial selection (``topk`` of the slots to drop), so O(S) per sequence,
+    on the tensors' device with no host synchronisation on either backend.
+    ``protect_prefix`` as ints is checked against the budget; as a device
+    tensor ``[B]`` it is not (that would need a sync), so the caller must
+    guarantee ``max(prefix) + recent <= budget``.
     """
     check_select(scores, pos, budget, protect_prefix, recent)
     return naive.select_slots(scores, pos, budget, protect_prefix=protect_prefix, recent=recent)
 
 
-def compact_slots_(kv: torch.Tensor, pos: torch.Tensor, scores: torch.Tensor, keep: torch.Tensor) -> None:
-    """Gather ``keep`` to the front of every plane of ``kv [P, B, H, S, D]`` and of ``pos``/``scores``, in place."""
-    check_compact(kv, pos, scores, keep)
+def compaction_plan(keep: torch.Tensor, fill: int) -> torch.Tensor:
+    """``[B, S - fill]`` int64: where each slot at or above ``fill`` goes (``-1`` = dropped).
+
+    ``keep [B, S]`` bool holds at most ``fill`` slots per row (as from
+    :func:`select_slots` with ``fill = min(budget, S)``); see
+    :func:`.naive.compaction_plan`. A few small sync-free launches on ``[B, S]``.
+    """
+    check_plan(keep, fill)
+    return naive.compaction_plan(keep, fill)
+
+
+def compact_slots_(kv: torch.Tensor, pos: torch.Tensor, scores: torch.Tensor, destination: torch.Tensor) -> None:
+    """Move slot ``S - W + j`` of every plane of ``kv [P, B, H, S, D]`` and of ``pos``/``scores`` to
+    ``destination[b, j]`` (``[B, W]`` from :func:`compaction_plan`), in place; clears ``[S - W, S)``.
+
+    Moves only the kept slots at or above the new fill, so an eviction costs
+    what it evicts; see :mod:`.compaction` for the kernel.
+    """
+    check_compact(kv, pos, scores, destination)
     if backend_for(kv) == "triton":
         from .compaction import compact_slots_ as triton_compact
 
-        triton_compact(kv, pos, scores, keep)
+        triton_compact(kv, pos, scores, destination)
     else:
-        naive.compact_slots_(kv, pos, scores, keep)
+        naive.compact_slots_(kv, pos, scores, destination)
 
 
 def evict_(
@@ -172,10 +190,16 @@ def evict_(
     protect_prefix: int | Sequence[int] | torch.Tensor,
     recent: int,
 ) -> torch.Tensor:
-    """:func:`select_slots` then :func:`compact_slots_`; returns the ``keep`` indices used."""
+    """:func:`select_slots`, :func:`compaction_plan` and :func:`compact_slots_`: keep ``budget`` slots.
+
+    Afterwards the kept slots of every sequence are the first ``min(budget, S)``
+    (in no particular order). Returns the ``destination`` used: ``[B, S - fill]``,
+    ``(destination >= 0).sum(1)`` slots moved per sequence.
+    """
     keep = select_slots(scores, pos, budget, protect_prefix=protect_prefix, recent=recent)
-    compact_slots_(kv, pos, scores, keep)
-    return keep
+    destination = compaction_plan(keep, min(budget, keep.shape[1]))
+    compact_slots_(kv, pos, scores, destination)
+    return destination
 
 
 __all__ = [
@@ -183,6 +207,7 @@ __all__ = [
     "attention_column_sums",
     "backend_for",
     "compact_slots_",
+    "compaction_plan",
     "evict_",
     "naive",
     "rolling_zscore",

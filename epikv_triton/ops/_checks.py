@@ -154,17 +154,26 @@ def check_select(
         )
 
 
-def check_compact(kv: torch.Tensor, pos: torch.Tensor, scores: torch.Tensor, keep: torch.Tensor) -> None:
+def check_plan(keep: torch.Tensor, fill: int) -> None:
+    require_tensor("keep", keep, 2, (torch.bool,))
+    if not isinstance(fill, int) or not 0 <= fill <= keep.shape[1]:
+        raise ValueError(f"fill must be an int in [0, S={keep.shape[1]}] (the slots kept per sequence), got {fill!r}")
+
+
+def check_compact(kv: torch.Tensor, pos: torch.Tensor, scores: torch.Tensor, destination: torch.Tensor) -> None:
     require_tensor("kv", kv, 5, FLOAT_DTYPES)
     require_tensor("pos", pos, 2, INT_DTYPES)
     require_tensor("scores", scores, 2, (torch.float32,))
-    require_tensor("keep", keep, 2, (torch.int64,))
-    require_same_device(kv=kv, pos=pos, scores=scores, keep=keep)
+    require_tensor("destination", destination, 2, (torch.int64,))
+    require_same_device(kv=kv, pos=pos, scores=scores, destination=destination)
     _, B, _, S, _ = kv.shape
     require_shape("pos", pos, (B, S), "[B, S] with B, S from kv [P, B, H, S, D]")
     require_shape("scores", scores, (B, S), "[B, S] like pos")
-    if keep.shape[0] != B or keep.shape[1] > S:
-        raise ValueError(f"keep must have shape [B, K] with B={B} and K <= S={S}; got {tuple(keep.shape)}")
+    if destination.shape[0] != B or destination.shape[1] > S:
+        raise ValueError(
+            f"destination must have shape [B, W] with B={B} and W <= S={S} (one entry per slot at or above the "
+            f"new fill, from ops.compaction_plan); got {tuple(destination.shape)}"
+        )
 
 
 def check_column_sums(

@@ -1,41 +1,39 @@
-"""Triton kernel: in-place compaction of every layer's K and V plus the slot metadata.
+"""Triton kernel: hole-filling compaction of every layer's K and V plus the slot metadata.
 
 Same contract as :func:`epikv_triton.ops.naive.compact_slots_`:
 
 * ``kv``: ``[P, B, H, S, D]`` fp16, bf16 or fp32, any strides (P planes = every
   layer's K and V; typically a view ``buf[..., :S, :]`` of a larger cache).
 * ``pos``: ``[B, S]`` int32/int64 and ``scores``: ``[B, S]`` float32, any strides.
-* ``keep``: ``[B, K]`` int64, any strides: kept slot indices in ascending order,
-  then ``-1`` padding (what :func:`~epikv_triton.ops.naive.select_slots` returns).
+* ``destination``: ``[B, W]`` int64, any strides (what
+  :func:`~epikv_triton.ops.naive.compaction_plan` returns): slot ``F + j``
+  (``F = S - W``, the new fill) moves to slot ``destination[b, j] < F``, or is
+  dropped (``-1``).
 
-Afterwards slot ``i < K`` holds what slot ``keep[b, i]`` held; slots with
-``keep = -1`` and all slots ``>= K`` get ``pos = -1``, ``score = NaN``, and their
-K/V bytes are left untouched (they are masked out by ``pos``).
+Slot order means nothing (visibility comes from ``pos``), so an eviction moves
+only the kept slots at or above the new fill, into the freed slots below it:
+at most ``W`` slots per sequence, ``W`` = the slots released, whatever the
+budget.
 
 Design — one launch, no host synchronisation, race-free by construction:
 
 * Grid ``(P·B·H, cdiv(D, BLOCK_D))``. A program owns one ``(plane, b, h)`` row and
-  one block of ``D``; no two programs touch the same bytes.
-* The program walks the destination slots ``0..K-1`` in blocks of ``BLOCK_S``, in
-  increasing order, loading the whole block of sources before storing it (a
-  barrier separates the two, so no warp stores while another still loads).
-  Since ``keep`` is strictly ascending, ``keep[i] >= i``: every source a block
-  reads lies at or after that block's first destination, so no earlier block
-  has overwritten it, and the block's own stores wait for its loads.
-* Where ``keep[i] == i`` the slot is already in place: its load and store are
-  masked off, so the kept prefix and the untouched recent tail cost no bandwidth.
-* The metadata of sequence ``b`` is compacted in the same launch by the programs
-  of plane 0, head 0, D-block 0, with the same in-order walk (same argument), and
-  the slots ``>= K`` are cleared after the walk (a barrier first: a slot ``>= K``
-  may still be the source of a destination ``< K``).
+  one block of ``D``; no two programs touch the same K/V bytes.
+* Sources lie in ``[F, S)`` and destinations in ``[0, F)``, all distinct: no
+  store can hit a slot some program still has to read, in any order, so the
+  K/V walk needs no barrier. A dropped slot's load and store are masked off.
+* The metadata of sequence ``b`` is moved in the same launch by the program of
+  plane 0, head 0, D-block 0; it then clears ``pos``/``scores`` of ``[F, S)``
+  after a barrier (those slots were its sources).
 
-Precondition (not checked: that would need a host sync): the non-negative
-entries of each ``keep`` row are strictly increasing and sit before the ``-1``
-padding, so that ``keep[i] >= i``.
+Precondition (not checked: that would need a host sync): destinations are
+distinct and below ``F``.
 
-Bytes moved: ``2 · P · B · H · D · itemsize`` per slot that actually moves, plus
-``keep`` reads; no flops. The kernel is a strided copy, tuned over the tile
-(slots × head-dim elements) and the warps that carry it.
+Bytes moved: ``2 · P · H · D · itemsize`` per slot that moves (read and
+write), plus ``destination`` and the ``[F, S)`` metadata; no flops. The tile
+(slots × head-dim elements) and warps are picked from the shape
+(:func:`pick_config`): tuning by trial would run the in-place kernel on the
+caller's cache, which would then need saving and restoring around every trial.
 """
 
 from __future__ import annotations
@@ -45,20 +43,30 @@ import triton
 import triton.language as tl
 
 from . import naive
-from ._triton_support import autotune, launch_options
+from ._triton_support import launch_options
 
-# GPU tuning space. Every config gives each thread 16–32 elements per tile (2–4
-# 16-byte vectors of fp16/bf16) so enough bytes are in flight per warp, across
-# tile shapes that suit D = 64 and D = 128 and both short and long K walks.
+# Every config gives each thread 16–32 elements per tile (2–4 16-byte vectors
+# of fp16/bf16) so enough bytes are in flight per warp; BLOCK_D = 64 suits
+# head_dim 64, 128 suits head_dim 128 (and 256 in two blocks); BLOCK_S follows
+# the slots released per eviction (decode: 1–16, chunked prefill: the chunk).
 COMPACTION_CONFIGS = [
+    triton.Config({"BLOCK_S": 16, "BLOCK_D": 64}, num_warps=2, num_stages=1),
     triton.Config({"BLOCK_S": 32, "BLOCK_D": 64}, num_warps=2, num_stages=1),
     triton.Config({"BLOCK_S": 64, "BLOCK_D": 64}, num_warps=4, num_stages=1),
     triton.Config({"BLOCK_S": 16, "BLOCK_D": 128}, num_warps=2, num_stages=1),
     triton.Config({"BLOCK_S": 32, "BLOCK_D": 128}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_S": 32, "BLOCK_D": 128}, num_warps=8, num_stages=1),
     triton.Config({"BLOCK_S": 64, "BLOCK_D": 128}, num_warps=8, num_stages=1),
 ]
-COMPACTION_INTERPRET_CONFIG = triton.Config({"BLOCK_S": 32, "BLOCK_D": 64}, num_warps=1, num_stages=1)
+
+
+def pick_config(width: int, head_dim: int) -> triton.Config:
+    """The config for ``width`` released slots of ``head_dim``: the smallest tile that covers them."""
+    block_d = 64 if head_dim <= 64 else 128
+    fitting = [c for c in COMPACTION_CONFIGS if c.kwargs["BLOCK_D"] == block_d]
+    for config in fitting:
+        if config.kwargs["BLOCK_S"] >= width:
+            return config
+    return fitting[-1]
 
 
 # ----------------------------------------------------------------------------
@@ -71,11 +79,11 @@ def _compact_slots_kernel(
     kv_ptr,
     pos_ptr,
     scores_ptr,
-    keep_ptr,
+    destination_ptr,
     B,
     H,
     S,
-    K,
+    W,
     D,
     stride_kv_p,
     stride_kv_b,
@@ -86,8 +94,8 @@ def _compact_slots_kernel(
     stride_pos_s,
     stride_scores_b,
     stride_scores_s,
-    stride_keep_b,
-    stride_keep_k,
+    stride_destination_b,
+    stride_destination_w,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -97,60 +105,43 @@ def _compact_slots_kernel(
     head = row % H
     seq = (row // H) % B
     plane = row // (H * B)
+    fill = S - W
 
     dims = d_block * BLOCK_D + tl.arange(0, BLOCK_D)
     dim_ok = dims < D
     kv_row = kv_ptr + plane * stride_kv_p + seq * stride_kv_b + head * stride_kv_h
     dim_offsets = dims.to(tl.int64)[None, :] * stride_kv_d
-    keep_row = keep_ptr + seq * stride_keep_b
+    destination_row = destination_ptr + seq * stride_destination_b
+    pos_row = pos_ptr + seq * stride_pos_b
+    scores_row = scores_ptr + seq * stride_scores_b
     owns_metadata = (plane == 0) & (head == 0) & (d_block == 0)
-    # Destinations below this bound get their metadata written: all K for the
-    # owner programs, none for the rest.
-    metadata_limit = K * owns_metadata.to(tl.int32)
+    # Released slots whose metadata this program moves: all W for the owner, none for the rest.
+    metadata_width = W * owns_metadata.to(tl.int32)
 
-    for start in range(0, K, BLOCK_S):
-        dest = start + tl.arange(0, BLOCK_S)
-        src = tl.load(keep_row + dest.to(tl.int64) * stride_keep_k, mask=dest < K, other=-1)
-        # keep = -1 leaves the bytes as they are; keep[i] == i is already in place.
-        moves = (src >= 0) & (src != dest)
+    for start in range(0, W, BLOCK_S):
+        offset = start + tl.arange(0, BLOCK_S)
+        in_range = offset < W
+        dest = tl.load(destination_row + offset.to(tl.int64) * stride_destination_w, mask=in_range, other=-1)
+        moves = dest >= 0
+        src = (fill + offset).to(tl.int64)
         tile_mask = moves[:, None] & dim_ok[None, :]
         tile = tl.load(kv_row + src[:, None] * stride_kv_s + dim_offsets, mask=tile_mask)
-        # Metadata rides along, masked off outside its owner programs (a masked
-        # access moves no bytes; masks rather than a branch keep the loaded
-        # values in scope for the stores after the barrier).
-        meta_dest = dest < metadata_limit
-        meta_src = meta_dest & (src >= 0)
-        src_pos = tl.load(pos_ptr + seq * stride_pos_b + src * stride_pos_s, mask=meta_src, other=-1)
-        src_score = tl.load(scores_ptr + seq * stride_scores_b + src * stride_scores_s, mask=meta_src, other=float("nan"))
-        # Every warp has loaded its sources before any warp stores into a slot
-        # another warp of this block may still be reading.
-        tl.debug_barrier()
-        tl.store(kv_row + dest.to(tl.int64)[:, None] * stride_kv_s + dim_offsets, tile, mask=tile_mask)
-        dest_offsets = dest.to(tl.int64)
-        tl.store(pos_ptr + seq * stride_pos_b + dest_offsets * stride_pos_s, src_pos, mask=meta_dest)
-        tl.store(scores_ptr + seq * stride_scores_b + dest_offsets * stride_scores_s, src_score, mask=meta_dest)
+        tl.store(kv_row + dest[:, None] * stride_kv_s + dim_offsets, tile, mask=tile_mask)
+        # Metadata rides along in one program per sequence (a masked access moves no bytes).
+        meta_moves = moves & (offset < metadata_width)
+        moved_pos = tl.load(pos_row + src * stride_pos_s, mask=meta_moves)
+        moved_score = tl.load(scores_row + src * stride_scores_s, mask=meta_moves)
+        tl.store(pos_row + dest * stride_pos_s, moved_pos, mask=meta_moves)
+        tl.store(scores_row + dest * stride_scores_s, moved_score, mask=meta_moves)
 
     if owns_metadata:
-        # Slots >= K may have been sources above: clear them only after every load.
+        # The released slots were this program's sources: clear them only after every load.
         tl.debug_barrier()
-        for start in range(K, S, BLOCK_S):
-            slot = start + tl.arange(0, BLOCK_S)
+        for start in range(0, W, BLOCK_S):
+            slot = (fill + start + tl.arange(0, BLOCK_S)).to(tl.int64)
             in_range = slot < S
-            empty_pos = tl.full([BLOCK_S], -1, tl.int64)
-            tl.store(pos_ptr + seq * stride_pos_b + slot.to(tl.int64) * stride_pos_s, empty_pos, mask=in_range)
-            empty_score = tl.full([BLOCK_S], float("nan"), tl.float32)
-            tl.store(scores_ptr + seq * stride_scores_b + slot.to(tl.int64) * stride_scores_s, empty_score, mask=in_range)
-
-
-# Tuning reruns the kernel on the caller's cache, which must come out compacted
-# once: the tensors it writes are saved and restored around every trial (a
-# transient copy of kv, once per head_dim and dtype per process).
-_compact_slots_autotuned = autotune(
-    COMPACTION_CONFIGS,
-    key=["D"],
-    interpret_config=COMPACTION_INTERPRET_CONFIG,
-    restore_value=["kv_ptr", "pos_ptr", "scores_ptr"],
-)(_compact_slots_kernel)
+            tl.store(pos_row + slot * stride_pos_s, tl.full([BLOCK_S], -1, tl.int64), mask=in_range)
+            tl.store(scores_row + slot * stride_scores_s, tl.full([BLOCK_S], float("nan"), tl.float32), mask=in_range)
 
 
 # ----------------------------------------------------------------------------
@@ -162,38 +153,35 @@ def compact_slots_(
     kv: torch.Tensor,
     pos: torch.Tensor,
     scores: torch.Tensor,
-    keep: torch.Tensor,
+    destination: torch.Tensor,
     *,
     config: triton.Config | None = None,
 ) -> None:
-    """Gather ``keep`` to the front of every plane of ``kv`` and of ``pos``/``scores``, in place.
+    """Move slot ``S - W + j`` of every plane of ``kv`` and of ``pos``/``scores`` to ``destination[b, j]``, in place.
 
     Inputs are assumed validated by :func:`epikv_triton.ops.compact_slots_`.
-    ``config`` launches that one config instead of autotuning (tests use it to
-    cover the whole GPU space).
+    ``config`` launches that config instead of :func:`pick_config`'s (tests use
+    it to cover every GPU config).
     """
     P, B, H, S, D = kv.shape
-    K = keep.shape[1]
-    if B == 0 or S == 0:
+    W = destination.shape[1]
+    if B == 0 or W == 0:
         return
     if P == 0 or H == 0 or D == 0:
-        # No K/V bytes to move, so no grid; the metadata still needs compacting.
-        naive.compact_slots_(kv, pos, scores, keep)
+        # No K/V bytes to move, so no grid; the metadata still needs moving.
+        naive.compact_slots_(kv, pos, scores, destination)
         return
-    args = (
-        kv, pos, scores, keep,
-        B, H, S, K, D,
+    config = config or pick_config(W, D)
+    grid = (P * B * H, triton.cdiv(D, config.kwargs["BLOCK_D"]))
+    _compact_slots_kernel[grid](
+        kv, pos, scores, destination,
+        B, H, S, W, D,
         *kv.stride(),
         *pos.stride(),
         *scores.stride(),
-        *keep.stride(),
+        *destination.stride(),
+        **launch_options(config),
     )
-    if config is None:
-        grid = lambda meta: (P * B * H, triton.cdiv(D, meta["BLOCK_D"]))  # noqa: E731
-        _compact_slots_autotuned[grid](*args)
-    else:
-        grid = (P * B * H, triton.cdiv(D, config.kwargs["BLOCK_D"]))
-        _compact_slots_kernel[grid](*args, **launch_options(config))
 
 
-__all__ = ["COMPACTION_CONFIGS", "compact_slots_"]
+__all__ = ["COMPACTION_CONFIGS", "compact_slots_", "pick_config"]

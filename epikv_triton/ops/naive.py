@@ -171,72 +171,119 @@ def select_slots(
     protect_prefix: int | Sequence[int] | torch.Tensor,
     recent: int,
 ) -> torch.Tensor:
-    """Choose which slots each sequence keeps: ``[B, min(budget, S)]`` int64.
+    """Choose which slots each sequence keeps: ``[B, S]`` bool mask.
 
-    ``scores``: ``[B, S]`` float, higher = more important; NaN ranks lowest.
-    ``pos``: ``[B, S]`` int absolute positions, ``-1`` = empty/padding (never kept,
-    never costs budget). Protected, always kept: positions below
-    ``protect_prefix`` (an int, one int per sequence, or an int tensor ``[B]`` on
-    the scores' device: sink tokens or the whole prompt) and the ``recent``
-    highest positions of the sequence. The rest of
-    the budget goes to the highest scores; ties go to the lower slot index.
+    ``scores``: ``[B, S]`` float, higher = more important; NaN ranks lowest
+    (below ``-inf``). ``pos``: ``[B, S]`` int absolute positions, ``-1`` =
+    empty/padding (never kept, never costs budget). Protected, always kept:
+    positions below ``protect_prefix`` (an int, one int per sequence, or an int
+    tensor ``[B]`` on the scores' device: sink tokens or the whole prompt) and
+    the ``recent`` highest positions of the sequence. The rest of the budget
+    goes to the highest scores; among equal scores the older token (lower
+    position) is kept, so the choice never depends on slot order.
 
-    Row ``b`` lists the kept slot indices in ascending order, then ``-1`` for
-    each unused place. No host synchronisation (a list of prefixes is copied to
-    the device each call; a tensor avoids that copy on a hot path).
+    Each row keeps ``min(budget, S, real tokens)`` slots. Cost: one partial
+    selection of the ``S - min(budget, S)`` slots to drop per row (``topk``
+    with a small ``k``: O(S) per sequence, no sort), no host synchronisation
+    (a list of prefixes is copied to the device each call; a tensor avoids that
+    copy on a hot path).
     """
     B, S = scores.shape
-    kept = min(budget, S)
-    prefix = _per_sequence(protect_prefix, B, pos.device)
+    dropped = S - min(budget, S)
     valid = pos >= 0
+    if dropped == 0:
+        return valid
+    key = _keep_priority(scores, pos, valid, _per_sequence(protect_prefix, B, pos.device), recent)
+    lowest = torch.topk(key, dropped, dim=1, largest=False, sorted=False).indices
+    return valid.scatter(1, lowest, False)
+
+
+# Bits of the keep priority: the position tie-break below the score below the tier.
+_POSITION_BITS = 30
+_SCORE_LEVELS = 2**32  # ordered float32 bit patterns, NaN at 0
+
+
+def _keep_priority(
+    scores: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor, prefix: torch.Tensor, recent: int
+) -> torch.Tensor:
+    """``[B, S]`` int64, distinct for the real slots of a row: higher = kept first.
+
+    Protected slots rank above every score, padding below everything; between
+    them, the float32 score's ordered bit pattern (NaN lowest, ``-0.0`` equal
+    to ``0.0``), then the older position.
+    """
+    # Adding 0.0 turns -0.0 into 0.0, so the two compare equal as floats do.
+    bits = (scores.float() + 0.0).view(torch.int32).to(torch.int64)
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits) + 2**31  # monotone in the float, in [0, 2^32)
+    ordered = torch.where(torch.isnan(scores), 0, ordered)
     seen = pos.max(dim=1, keepdim=True).values + 1
-    protected = valid & ((pos < prefix[:, None]) | (pos >= seen - recent))
-    tier = valid.to(torch.int8) + protected.to(torch.int8)
-    key = torch.nan_to_num(scores.float(), nan=float("-inf"))
-    by_score = torch.sort(key, dim=1, descending=True, stable=True).indices
-    by_tier = torch.sort(tier.gather(1, by_score), dim=1, descending=True, stable=True).indices
-    order = by_score.gather(1, by_tier)[:, :kept]
-    chosen_valid = valid.gather(1, order)
-    order = torch.where(chosen_valid, order, torch.full_like(order, S))
-    order = torch.sort(order, dim=1).values
-    return torch.where(order == S, torch.full_like(order, -1), order)
+    protected = (pos < prefix[:, None]) | (pos >= seen - recent)
+    tier = torch.where(protected, _SCORE_LEVELS, ordered)
+    younger = pos.clamp(min=0, max=2**_POSITION_BITS - 1)
+    priority = tier * 2**_POSITION_BITS + (2**_POSITION_BITS - 1 - younger)
+    return torch.where(valid, priority, -1)
+
+
+def compaction_plan(keep: torch.Tensor, fill: int) -> torch.Tensor:
+    """Where each slot at or above ``fill`` goes once the kept set is ``keep``: ``[B, S - fill]`` int64.
+
+    ``keep``: ``[B, S]`` bool with at most ``fill`` kept slots per row (what
+    :func:`select_slots` returns, with ``fill = min(budget, S)``). Slot order
+    carries no meaning, so only the kept slots at or above ``fill`` move: the
+    ``i``-th of them (in slot order) into the ``i``-th slot below ``fill`` that
+    is not kept. Entry ``[b, j]`` is that destination for slot ``fill + j``,
+    or ``-1`` when the slot is dropped. Destinations are distinct and below
+    ``fill``, so sources and destinations never overlap, and a row moves at
+    most ``S - fill`` slots. Sync-free.
+
+    A hole that receives nothing is a slot that was already empty: a row keeps
+    fewer than ``fill`` slots only when it holds fewer real tokens.
+    """
+    B, S = keep.shape
+    width = S - fill
+    holes = ~keep[:, :fill]
+    movers = keep[:, fill:]
+    # Only the first `width` holes can receive a mover; the rest are parked in a spare column.
+    hole_rank = holes.cumsum(dim=1) - 1
+    hole_column = torch.where(holes & (hole_rank < width), hole_rank, width)
+    hole_slot = torch.full((B, width + 1), -1, dtype=torch.int64, device=keep.device)
+    below = torch.arange(fill, device=keep.device).expand(B, fill)
+    hole_slot.scatter_(1, hole_column, below)
+    mover_rank = (movers.cumsum(dim=1) - 1).clamp(min=0)
+    return torch.where(movers, hole_slot.gather(1, mover_rank), -1)
 
 
 def compact_slots_(
-    kv: torch.Tensor, pos: torch.Tensor, scores: torch.Tensor, keep: torch.Tensor
+    kv: torch.Tensor, pos: torch.Tensor, scores: torch.Tensor, destination: torch.Tensor
 ) -> None:
-    """Gather the kept slots to the front, in place, for every plane at once.
+    """Move the kept slots at or above the new fill into the holes below it, in place, every plane at once.
 
     ``kv``: ``[P, B, H, S, D]`` (planes = every layer's K and V), any strides.
     ``pos``: ``[B, S]`` int; ``scores``: ``[B, S]`` float32 slot metadata.
-    ``keep``: ``[B, K]`` int64 from :func:`select_slots` (ascending, ``-1`` = none).
+    ``destination``: ``[B, W]`` int64 from :func:`compaction_plan`: slot
+    ``S - W + j`` moves to slot ``destination[b, j] < S - W``, or is dropped
+    (``-1``). Destinations must be distinct (not checked: a host sync).
 
-    Afterwards slot ``i < K`` of sequence ``b`` holds what slot ``keep[b, i]``
-    held; slots with ``keep = -1`` and all slots ``>= K`` get ``pos = -1`` and
-    ``score = NaN`` (their K/V bytes are left as they were: masked out by pos).
+    Afterwards every moved slot's K/V, position and score sit at its
+    destination, and slots ``>= S - W`` have ``pos = -1``, ``score = NaN``
+    (their K/V bytes are left as they were: masked out by pos). Slots below
+    ``S - W`` that are not destinations are untouched. Costs the moved slots
+    only; no host synchronisation.
     """
-    K = keep.shape[1]
-    present = keep >= 0
-    src = keep.clamp(min=0)
-    moves = present & (keep != torch.arange(K, device=keep.device))
-    # Slots before the first one that moves in any sequence are already in place: copy only
-    # from there on. Reading that index is a host sync, which the Triton kernel does not need.
-    moving_columns = moves.any(dim=0)
-    if bool(moving_columns.any()):
-        start = int(moving_columns.to(torch.int8).argmax())
-        index = src[None, :, None, start:, None].expand(*kv.shape[:3], K - start, kv.shape[4])
-        gathered = kv.gather(3, index)
-        target = kv[:, :, :, start:K]
-        absent = ~present[:, start:]
-        if bool(absent.any()):
-            gathered = torch.where(absent[None, :, None, :, None], target, gathered)
-        target.copy_(gathered)
-    new_pos = torch.where(present, pos.gather(1, src), torch.full_like(src, -1).to(pos.dtype))
-    new_scores = torch.where(present, scores.gather(1, src), torch.full_like(scores[:, :K], float("nan")))
-    pos[:, :K] = new_pos
-    pos[:, K:] = -1
-    scores[:, :K] = new_scores
-    scores[:, K:] = float("nan")
+    P, B, H, S, D = kv.shape
+    width = destination.shape[1]
+    fill = S - width
+    if width == 0:
+        return
+    # A dropped slot is "moved" onto itself, so one scatter serves every row without a sync.
+    own_slot = torch.arange(fill, S, device=destination.device).expand(B, width)
+    index = torch.where(destination >= 0, destination, own_slot)
+    moving = kv[:, :, :, fill:].clone()
+    kv.scatter_(3, index[None, :, None, :, None].expand(P, B, H, width, D), moving)
+    pos.scatter_(1, index, pos[:, fill:].clone())
+    scores.scatter_(1, index, scores[:, fill:].clone())
+    pos[:, fill:] = -1
+    scores[:, fill:] = float("nan")
 
 
 def attention_column_sums(
@@ -282,6 +329,7 @@ __all__ = [
     "attention_column_sums",
     "slot_attention",
     "compact_slots_",
+    "compaction_plan",
     "delta_norms",
     "rolling_zscore",
     "select_slots",

@@ -4,61 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import DynamicCache
 
 import epikv_triton
 
-from .models import CACHE, cached, greedy, patched_copy, prompts, stories_model, tiny_model
+from .models import cached, greedy, patched_copy, prompts, stories_model, tiny_model
+from .reference import masked_reference, record_steps, sampling_choice
 
 BUDGET = 32
 NEW_TOKENS = 200
-
-
-def record_steps(model: torch.nn.Module) -> list[dict]:
-    """After every forward of ``model``: what its cache holds and how big its buffer is."""
-    steps: list[dict] = []
-
-    def hook(module, args, output):
-        cache = getattr(output, CACHE)
-        steps.append(
-            dict(
-                kept=cache.kept_positions(),
-                seq_length=cache.get_seq_length(),
-                slots_used=cache.slots.fill,
-                capacity=cache.slots.kv.shape[4],
-                seen=[s.tokens_seen for s in cache.stats().sequences],
-            )
-        )
-
-    model.register_forward_hook(hook)
-    return steps
-
-
-def masked_reference(model: torch.nn.Module, inputs: dict, kept_after_step: list, new_tokens: int) -> torch.Tensor:
-    """Greedy tokens of the unpatched model keeping every token but hiding the ones the patched run evicted.
-
-    Stream slot ``j`` of sequence ``b`` holds position ``j - pad[b]``; before
-    forward ``i`` the patched cache held ``kept_after_step[i - 1]`` plus the new token.
-    """
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    B, P = ids.shape
-    pad = (mask == 0).sum(dim=1)
-    cache = DynamicCache(config=model.config)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0), **cached(cache))
-    tokens = [out.logits[:, -1].argmax(-1)]
-    for step in range(1, new_tokens):
-        length = P + step
-        visible = torch.zeros(B, length, dtype=torch.bool)
-        for b in range(B):
-            visible[b, [int(pad[b]) + p for p in kept_after_step[step - 1][b]]] = True
-        visible[:, -1] = True
-        additive = torch.zeros(B, 1, 1, length).masked_fill(~visible[:, None, None], torch.finfo(torch.float32).min)
-        position = (P - pad + step - 1)[:, None]
-        out = model(
-            input_ids=tokens[-1][:, None], attention_mask=additive, position_ids=position, **cached(cache)
-        )
-        tokens.append(out.logits[:, -1].argmax(-1))
-    return torch.stack(tokens, dim=1)
 
 
 @pytest.mark.parametrize(
@@ -160,3 +113,90 @@ def test_real_model_with_eviction_matches_masking_reference():
     assert all(s["capacity"] == BUDGET + 1 for s in steps)
     model.set_attn_implementation("eager")
     assert torch.equal(generated, masked_reference(model, inputs, [s["kept"] for s in steps], 120))
+
+
+FAMILIES = ["llama", "qwen2", "qwen2-sliding", "qwen3"]
+EVICTING_METHODS = ["epikv", "epikv_flat", "kv", "lag_kv", "streaming", "random", "knorm", "h2o"]
+MATRIX_TOKENS = 90
+
+
+def matrix_cases():
+    """Every evicting method on every family; batch (1, 2 left-padded), evict_every (1, 16) and keep_prompt
+    rotate with the method so each family sees every combination of them."""
+    for family in FAMILIES:
+        for i, method in enumerate(EVICTING_METHODS):
+            batch, every, keep_prompt = 1 + i % 2, (1, 16)[i // 2 % 2], i % 4 != 3
+            yield pytest.param(family, method, batch, every, keep_prompt,
+                               id=f"{family}-{method}-b{batch}-every{every}{'' if keep_prompt else '-sink'}")
+
+
+@pytest.mark.parametrize("family, method, batch, every, keep_prompt", list(matrix_cases()))
+def test_every_method_equals_masking_reference(family, method, batch, every, keep_prompt):
+    model = tiny_model(family)
+    inputs = prompts(batch)
+    patched = patched_copy(model, budget=BUDGET, method=method, evict_every=every, keep_prompt=keep_prompt, lag_chunk=16)
+    steps = record_steps(patched)
+    generated = greedy(patched, inputs, MATRIX_TOKENS)[:, inputs["input_ids"].shape[1] :]
+    assert steps[-1]["evictions"] >= (MATRIX_TOKENS + 12 - BUDGET) // every - 1, "too few evictions to prove anything"
+    model.set_attn_implementation("eager")
+    reference = masked_reference(model, inputs, [s["kept"] for s in steps], MATRIX_TOKENS)
+    assert torch.equal(generated, reference)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_sliding_window_layers_with_eviction_equal_masking_reference(batch):
+    """Qwen2 with sliding-window layers (window 8 < budget 32 < context): eviction and the window
+    both hide keys; the reference hides them by mask, per layer type."""
+    model = tiny_model("qwen2-sliding")
+    assert "sliding_attention" in model.config.layer_types
+    inputs = prompts(batch)
+    patched = patched_copy(model, budget=BUDGET, method="h2o")
+    steps = record_steps(patched)
+    generated = greedy(patched, inputs, NEW_TOKENS)[:, inputs["input_ids"].shape[1] :]
+    model.set_attn_implementation("eager")
+    assert torch.equal(generated, masked_reference(model, inputs, [s["kept"] for s in steps], NEW_TOKENS))
+    # The window matters: without it the reference decodes something else.
+    unwindowed = tiny_model("qwen2").eval()
+    unwindowed.load_state_dict(model.state_dict())
+    unwindowed.set_attn_implementation("eager")
+    assert not torch.equal(generated, masked_reference(unwindowed, inputs, [s["kept"] for s in steps], NEW_TOKENS))
+
+
+def test_sampling_with_eviction_equals_masking_reference_at_the_same_seed():
+    """Two samples per prompt (generate repeats each prompt): same draws as the reference at the same seed."""
+    model = tiny_model("llama")
+    inputs = prompts(2)
+    patched = patched_copy(model, budget=16, recent=4)
+    steps = record_steps(patched)
+    torch.manual_seed(3)
+    sampled = patched.generate(
+        **inputs, max_new_tokens=60, do_sample=True, top_k=0, temperature=0.7, pad_token_id=0, num_return_sequences=2
+    )[:, inputs["input_ids"].shape[1] :]
+    assert sampled.shape == (4, 60)
+    model.set_attn_implementation("eager")
+    repeated = {name: tensor.repeat_interleave(2, dim=0) for name, tensor in inputs.items()}
+    torch.manual_seed(3)
+    reference = masked_reference(model, repeated, [s["kept"] for s in steps], 60, choose=sampling_choice(0.7))
+    assert torch.equal(sampled, reference)
+    assert not torch.equal(sampled[0], sampled[1]), "two samples of one prompt agree: not sampling"
+
+
+@pytest.mark.parametrize("method, every", [("epikv", 1), ("epikv", 16), ("streaming", 1), ("h2o", 16)])
+def test_an_eviction_moves_at_most_the_slots_it_releases(method, every):
+    """200 decode steps at budget 32: at most one moved slot per step and sequence at evict_every=1, at most 16
+    per eviction at evict_every=16. Streaming evicts the oldest token, the worst case of a shifting compaction:
+    here exactly one slot per step once the cache is full."""
+    model = patched_copy(tiny_model("llama"), budget=BUDGET, method=method, evict_every=every)
+    steps = record_steps(model)
+    greedy(model, prompts(2), NEW_TOKENS)
+    for before, after in zip(steps, steps[1:]):
+        moved = [b - a for a, b in zip(before["moved"], after["moved"])]
+        assert after["evictions"] - before["evictions"] <= 1
+        assert all(0 <= m <= every for m in moved), f"moved {moved} slots in one eviction"
+    total_moved = steps[-1]["moved"]
+    assert all(m > 0 for m in total_moved)
+    assert all(m <= e + 5 for m, e in zip(total_moved, steps[-1]["evicted"])), "more moves than evictions (+ padding)"
+    if method == "streaming":
+        full = [s for s in steps if s["evictions"] > 0]
+        per_step = [b["moved"][0] - a["moved"][0] for a, b in zip(full, full[1:])]
+        assert per_step == [1] * len(per_step)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 
 import epikv_triton
+import epikv_triton.cache
 
 from .models import cached, greedy, patched_copy, prompts, tiny_model
 
@@ -37,7 +40,8 @@ def test_loop_matches_generate_with_prompt_kept(chunk):
     expected = greedy(model, inputs, NEW_TOKENS)[:, 20:]
     tokens, capacities = forward_loop(model, inputs, chunk, NEW_TOKENS)
     assert torch.equal(tokens, expected)
-    assert max(capacities) == BUDGET + 1
+    # The declared prompt is longer than the first chunk: room for one more chunk beside the budget, allocated once.
+    assert capacities == [BUDGET + chunk] * len(capacities)
 
 
 @pytest.mark.parametrize("chunk", [1, 16])
@@ -48,3 +52,44 @@ def test_prompt_longer_than_budget_is_read_with_bounded_memory(chunk):
     tokens, capacities = forward_loop(model, inputs, chunk, NEW_TOKENS)
     assert torch.equal(tokens, expected)
     assert max(capacities) <= BUDGET + chunk
+
+
+class KVAllocations:
+    """Every K/V buffer the slot cache allocates (``torch.zeros`` of ``[2, L, B, H, slots, D]``), tracked weakly:
+    ``peak_live_slots`` is the most slots of K/V alive at once, counted at each allocation."""
+
+    def __init__(self, monkeypatch, num_layers: int):
+        self.num_layers = num_layers
+        self.live: list[weakref.ref] = []
+        self.peak_live_slots = 0
+        self.count = 0
+        zeros = torch.zeros
+
+        def tracking_zeros(*shape, **kwargs):
+            out = zeros(*shape, **kwargs)
+            if out.ndim == 6 and out.shape[:2] == (2, num_layers):
+                self._allocated(out)
+            return out
+
+        monkeypatch.setattr(epikv_triton.cache.torch, "zeros", tracking_zeros)
+
+    def _allocated(self, kv: torch.Tensor) -> None:
+        self.count += 1
+        self.live = [ref for ref in self.live if ref() is not None] + [weakref.ref(kv)]
+        self.peak_live_slots = max(self.peak_live_slots, sum(ref().shape[4] for ref in self.live))
+
+
+CHUNKED_BUDGET, CHUNK, LONG_PROMPT = 256, 128, 2000
+
+
+@pytest.mark.parametrize("reader", ["generate", "new_cache loop"])
+def test_chunked_read_never_holds_more_than_budget_plus_chunk(monkeypatch, reader):
+    model = patched_copy(tiny_model("llama"), budget=CHUNKED_BUDGET, keep_prompt=False)
+    allocations = KVAllocations(monkeypatch, num_layers=3)
+    inputs = prompts(1, length=LONG_PROMPT)
+    if reader == "generate":
+        greedy(model, inputs, 4, prefill_chunk_size=CHUNK)
+    else:
+        forward_loop(model, inputs, CHUNK, 4)
+    assert allocations.count >= 1
+    assert allocations.peak_live_slots <= CHUNKED_BUDGET + CHUNK

@@ -49,13 +49,6 @@ def test_real_model_large_budget_matches_unpatched(name):
         assert story.strip().startswith("Lily. She loved to play outside in the park.")
 
 
-def test_sampling_runs_with_a_bounded_cache():
-    model = patched_copy(tiny_model("llama"), budget=16, recent=4)
-    torch.manual_seed(0)
-    out = model.generate(**prompts(2), max_new_tokens=40, do_sample=True, pad_token_id=0, num_return_sequences=2)
-    assert out.shape == (4, 52)
-
-
 def test_plain_forward_without_cache_matches_unpatched_logits():
     model = tiny_model("llama")
     inputs = prompts(2)

@@ -99,15 +99,17 @@ def test_select_rejects_budget_below_protected_set():
 def test_compact_rejects_bad_input():
     kv = torch.randn(4, 2, 2, 9, 16)
     pos, scores = torch.arange(9).repeat(2, 1), torch.randn(2, 9)
-    keep = torch.arange(5).repeat(2, 1)
+    destination = torch.tensor([[0, -1], [-1, 3]])
     with pytest.raises(ValueError, match="kv must have 5 dimensions"):
-        ops.compact_slots_(kv[0], pos, scores, keep)
+        ops.compact_slots_(kv[0], pos, scores, destination)
     with pytest.raises(ValueError, match="scores must have dtype"):
-        ops.compact_slots_(kv, pos, scores.half(), keep)
-    with pytest.raises(ValueError, match="keep must have shape"):
+        ops.compact_slots_(kv, pos, scores.half(), destination)
+    with pytest.raises(ValueError, match="destination must have shape"):
         ops.compact_slots_(kv, pos, scores, torch.arange(10).repeat(2, 1))
+    with pytest.raises(ValueError, match="destination must have dtype"):
+        ops.compact_slots_(kv, pos, scores, destination.int())
     with pytest.raises(ValueError, match="pos must have shape"):
-        ops.compact_slots_(kv, pos[:1], scores, keep)
+        ops.compact_slots_(kv, pos[:1], scores, destination)
 
 
 def test_backend_env(monkeypatch):

@@ -1,8 +1,10 @@
-"""Budgeted selection and in-place compaction.
+"""Budgeted selection, the compaction plan and in-place hole-filling compaction.
 
-* ``select_slots`` vs a per-sequence stable-sort reference written here.
+* ``select_slots`` vs a per-sequence full-sort reference written here.
+* ``compaction_plan`` vs a per-sequence walk written here, and its bound:
+  no more moves than slots released.
 * The Triton ``compact_slots_`` vs the PyTorch twin and vs an out-of-place
-  gather written here, on caches that are strided views of a bigger buffer,
+  copy written here, on caches that are strided views of a bigger buffer,
   so bytes the op must not touch are checked too.
 * ``ops.evict_`` end to end.
 """
@@ -16,7 +18,7 @@ import torch
 
 from epikv_triton import ops
 from epikv_triton.ops import naive
-from epikv_triton.ops.compaction import COMPACTION_CONFIGS, compact_slots_
+from epikv_triton.ops.compaction import COMPACTION_CONFIGS, compact_slots_, pick_config
 from tests.helpers import device
 
 # ----------------------------------------------------------------------------
@@ -25,8 +27,8 @@ from tests.helpers import device
 
 
 def reference_select(scores, pos, budget, protect_prefix, recent):
-    """Per sequence: protected slots first, then by score descending (NaN lowest),
-    ties to the lower slot index; padding (pos = -1) never kept. Returns [B, min(budget, S)]."""
+    """Per sequence, a full sort: protected slots first, then by score descending (NaN lowest),
+    ties to the older token (lower position); padding (pos = -1) never kept. Returns [B, S] bool."""
     B, S = scores.shape
     width = min(budget, S)
     prefixes = [protect_prefix] * B if isinstance(protect_prefix, int) else list(protect_prefix)
@@ -40,17 +42,22 @@ def reference_select(scores, pos, budget, protect_prefix, recent):
         def rank(j):
             protected = positions[j] < prefixes[b] or positions[j] >= seen - recent
             is_nan = math.isnan(values[j])
-            return (not protected, is_nan, 0.0 if is_nan else -values[j], j)
+            return (not protected, is_nan, 0.0 if is_nan else -values[j], positions[j])
 
-        kept = sorted(sorted(real, key=rank)[:width])
-        rows.append(kept + [-1] * (width - len(kept)))
-    return torch.tensor(rows, dtype=torch.int64)
+        kept = set(sorted(real, key=rank)[:width])
+        rows.append([j in kept for j in range(S)])
+    return torch.tensor(rows, dtype=torch.bool)
 
 
-def selection_inputs(B, S, generator, *, ties=False, nan_fraction=0.0, infinite=False, left_padding=(), gaps=False):
-    """scores with optional ties/NaN/±inf (NaN still ranks below -inf); positions 0.. per sequence after its left padding, optionally with gaps
-    (positions of tokens evicted earlier)."""
-    if ties:
+def selection_inputs(
+    B, S, generator, *, ties=False, signed_zeros=False, nan_fraction=0.0, infinite=False, left_padding=(), gaps=False, shuffled=False
+):
+    """scores with optional ties/NaN/±inf (NaN still ranks below -inf); positions 0.. per sequence after its
+    left padding, optionally with gaps (positions of tokens evicted earlier) and shuffled across the slots
+    (what hole-filling compaction leaves)."""
+    if signed_zeros:
+        scores = torch.where(torch.rand(B, S, generator=generator) < 0.5, -0.0, 0.0)
+    elif ties:
         scores = torch.randint(0, 3, (B, S), generator=generator).float()
     else:
         scores = torch.randn(B, S, generator=generator)
@@ -63,6 +70,8 @@ def selection_inputs(B, S, generator, *, ties=False, nan_fraction=0.0, infinite=
         pad = left_padding[b] if left_padding else 0
         steps = torch.randint(1, 4, (S - pad,), generator=generator) if gaps else torch.ones(S - pad, dtype=torch.int64)
         pos[b, pad:] = torch.cumsum(steps, 0) - 1
+        if shuffled:
+            pos[b] = pos[b, torch.randperm(S, generator=generator)]
     return scores.to(device()), pos.to(device())
 
 
@@ -70,6 +79,8 @@ SELECT_CASES = {
     # name: (B, S, budget, protect_prefix, recent, input options)
     "plain": (2, 30, 12, 4, 3, {}),
     "ties": (3, 25, 10, 2, 2, {"ties": True}),
+    "ties_shuffled": (3, 25, 10, 2, 2, {"ties": True, "shuffled": True, "gaps": True}),
+    "signed_zeros": (2, 20, 8, 1, 1, {"signed_zeros": True, "shuffled": True}),
     "nan_scores": (2, 25, 15, 1, 2, {"nan_fraction": 0.4}),
     "ties_and_nan": (2, 40, 20, 4, 4, {"ties": True, "nan_fraction": 0.3}),
     "infinite_and_nan": (2, 30, 22, 1, 1, {"infinite": True, "nan_fraction": 0.4}),
@@ -77,6 +88,7 @@ SELECT_CASES = {
     "budget_equals_protected": (2, 30, 7, 4, 3, {"gaps": True}),
     "budget_above_slots": (2, 10, 25, 2, 2, {}),
     "left_padding": (3, 24, 10, 3, 2, {"left_padding": (0, 5, 20), "nan_fraction": 0.2}),
+    "padding_shuffled": (3, 24, 10, 3, 2, {"left_padding": (0, 5, 20), "ties": True, "shuffled": True}),
     "per_sequence_prefix": (3, 24, 14, [0, 6, 11], 3, {"left_padding": (0, 2, 4), "gaps": True}),
     "all_padding_sequence": (2, 12, 6, 2, 2, {"left_padding": (12, 3)}),
 }
@@ -89,15 +101,73 @@ def test_select_slots_matches_stable_sort_reference(name):
     scores, pos = selection_inputs(B, S, g, **options)
     keep = ops.select_slots(scores, pos, budget, protect_prefix=prefix, recent=recent)
     expected = reference_select(scores.cpu(), pos.cpu(), budget, prefix, recent)
-    assert keep.dtype == torch.int64
-    assert torch.equal(keep.cpu(), expected), f"\nkeep     {keep.tolist()}\nexpected {expected.tolist()}"
+    assert keep.dtype == torch.bool
+    assert torch.equal(keep.cpu(), expected), f"\nkeep     {keep.int().tolist()}\nexpected {expected.int().tolist()}"
 
 
 def test_select_slots_keeps_protected_even_when_they_score_lowest():
     scores = torch.tensor([[-9.0, -9.0, 5.0, 4.0, 3.0, 2.0, 1.0, -9.0]], device=device())
     pos = torch.arange(8, device=device())[None]
     keep = ops.select_slots(scores, pos, 4, protect_prefix=2, recent=1)
-    assert keep.tolist() == [[0, 1, 2, 7]]
+    assert keep.nonzero()[:, 1].tolist() == [0, 1, 2, 7]
+
+
+def test_select_slots_ties_keep_the_older_token_wherever_it_sits():
+    """Equal scores: the lower position is kept, though it sits in a later slot."""
+    scores = torch.zeros(1, 6, device=device())
+    pos = torch.tensor([[0, 5, 4, 1, 3, 2]], device=device())
+    keep = ops.select_slots(scores, pos, 4, protect_prefix=1, recent=1)
+    assert sorted(pos[keep].tolist()) == [0, 1, 2, 5]
+
+
+# ----------------------------------------------------------------------------
+# compaction_plan
+# ----------------------------------------------------------------------------
+
+
+def reference_plan(keep, fill):
+    """Per sequence: the i-th kept slot at or above fill goes to the i-th slot below fill that is not kept."""
+    rows = []
+    for row in keep.tolist():
+        holes = [j for j in range(fill) if not row[j]]
+        movers = iter(holes)
+        rows.append([next(movers) if row[j] else -1 for j in range(fill, len(row))])
+    return torch.tensor(rows, dtype=torch.int64).reshape(len(rows), len(keep[0]) - fill)
+
+
+def random_keep(B, S, fill, generator, real=None):
+    """[B, S] bool with min(fill, real[b]) kept slots per row, anywhere."""
+    rows = []
+    for b in range(B):
+        count = min(fill, S if real is None else real[b])
+        chosen = torch.randperm(S, generator=generator)[:count]
+        rows.append(torch.zeros(S, dtype=torch.bool).index_fill_(0, chosen, True))
+    return torch.stack(rows).to(device())
+
+
+@pytest.mark.parametrize("B, S, fill, real", [(3, 40, 30, None), (2, 17, 16, None), (3, 30, 12, (30, 5, 0)), (2, 9, 9, None), (2, 9, 0, None)])
+def test_plan_matches_reference_and_moves_at_most_what_it_releases(B, S, fill, real):
+    keep = random_keep(B, S, fill, torch.Generator().manual_seed(S + fill), real)
+    destination = ops.compaction_plan(keep, fill)
+    assert destination.shape == (B, S - fill) and destination.dtype == torch.int64
+    assert torch.equal(destination.cpu(), reference_plan(keep.cpu(), fill))
+    moved = (destination >= 0).sum(dim=1)
+    assert bool((moved <= S - fill).all())
+    assert bool((moved <= (~keep[:, :fill]).sum(dim=1)).all()), "more movers than holes"
+
+
+def test_plan_moves_nothing_when_the_released_slots_are_the_dropped_ones():
+    keep = torch.ones(2, 12, dtype=torch.bool, device=device())
+    keep[:, 8:] = False
+    assert bool((ops.compaction_plan(keep, 8) == -1).all())
+
+
+def test_plan_rejects_bad_input():
+    keep = torch.ones(2, 12, dtype=torch.bool)
+    with pytest.raises(ValueError, match="keep must have dtype"):
+        ops.compaction_plan(keep.long(), 8)
+    with pytest.raises(ValueError, match="fill must be an int in"):
+        ops.compaction_plan(keep, 13)
 
 
 # ----------------------------------------------------------------------------
@@ -105,22 +175,20 @@ def test_select_slots_keeps_protected_even_when_they_score_lowest():
 # ----------------------------------------------------------------------------
 
 
-def reference_compact(kv, pos, scores, keep):
-    """Out-of-place gather: what kv/pos/scores must hold afterwards (kv bytes at keep = -1 and >= K untouched)."""
+def reference_compact(kv, pos, scores, destination):
+    """Out-of-place: what kv/pos/scores must hold afterwards (kv bytes of released slots untouched)."""
     kv, pos, scores = kv.clone(), pos.clone(), scores.clone()
     source_kv, source_pos, source_scores = kv.clone(), pos.clone(), scores.clone()
-    B, K = keep.shape
+    B, W = destination.shape
+    fill = pos.shape[1] - W
     for b in range(B):
-        for i, src in enumerate(keep[b].tolist()):
-            if src >= 0:
-                kv[:, b, :, i] = source_kv[:, b, :, src]
-                pos[b, i] = source_pos[b, src]
-                scores[b, i] = source_scores[b, src]
-            else:
-                pos[b, i] = -1
-                scores[b, i] = float("nan")
-        pos[b, K:] = -1
-        scores[b, K:] = float("nan")
+        for j, dest in enumerate(destination[b].tolist()):
+            if dest >= 0:
+                kv[:, b, :, dest] = source_kv[:, b, :, fill + j]
+                pos[b, dest] = source_pos[b, fill + j]
+                scores[b, dest] = source_scores[b, fill + j]
+        pos[b, fill:] = -1
+        scores[b, fill:] = float("nan")
     return kv, pos, scores
 
 
@@ -156,14 +224,9 @@ def slot_metadata(B, S, generator, pos_dtype=torch.int64, strided=False):
     return pos.to(device()), scores.to(device())
 
 
-def random_keep(B, S, K, generator, padding=(0,)):
-    """Ascending random kept slots, with padding[b] trailing -1 entries per sequence."""
-    rows = []
-    for b in range(B):
-        pad = padding[b % len(padding)]
-        chosen = torch.sort(torch.randperm(S, generator=generator)[: K - pad]).values.tolist()
-        rows.append(chosen + [-1] * pad)
-    return torch.tensor(rows, dtype=torch.int64, device=device())
+def random_destination(B, S, fill, generator, real=None):
+    """The plan of a random keep mask: a realistic, sync-free-built destination [B, S - fill]."""
+    return naive.compaction_plan(random_keep(B, S, fill, generator, real), fill)
 
 
 def clone_keep_strides(x):
@@ -173,23 +236,25 @@ def clone_keep_strides(x):
     return out
 
 
-def check_compaction(buffer, kv_view_fn, pos, scores, keep, **launch):
-    """Run the Triton op and the twin on copies of the same state; compare both with the reference gather."""
+def check_compaction(buffer, kv_view_fn, pos, scores, destination, **launch):
+    """Run the Triton op and the twin on copies of the same state; compare both with the reference."""
     expected_buffer = buffer.clone()
     expected_view = kv_view_fn(expected_buffer)
-    expected_kv, expected_pos, expected_scores = reference_compact(expected_view, pos, scores, keep)
+    expected_kv, expected_pos, expected_scores = reference_compact(expected_view, pos, scores, destination)
     expected_view.copy_(expected_kv)
 
     twin_buffer, twin_pos, twin_scores = buffer.clone(), clone_keep_strides(pos), clone_keep_strides(scores)
-    naive.compact_slots_(kv_view_fn(twin_buffer), twin_pos, twin_scores, keep)
+    naive.compact_slots_(kv_view_fn(twin_buffer), twin_pos, twin_scores, destination)
 
     kernel_buffer, kernel_pos, kernel_scores = buffer.clone(), clone_keep_strides(pos), clone_keep_strides(scores)
-    compact_slots_(kv_view_fn(kernel_buffer), kernel_pos, kernel_scores, keep, **launch)
+    compact_slots_(kv_view_fn(kernel_buffer), kernel_pos, kernel_scores, destination, **launch)
 
-    K = keep.shape[1]
-    assert bool((kernel_pos[:, K:] == -1).all()) and bool(torch.isnan(kernel_scores[:, K:]).all()), "slots >= K not cleared"
+    fill = pos.shape[1] - destination.shape[1]
+    assert bool((kernel_pos[:, fill:] == -1).all()) and bool(torch.isnan(kernel_scores[:, fill:]).all()), (
+        "released slots not cleared"
+    )
     # Copies are exact: compare bit for bit, over the whole buffer.
-    assert torch.equal(kernel_buffer, expected_buffer), "kv differs from the reference gather"
+    assert torch.equal(kernel_buffer, expected_buffer), "kv differs from the reference"
     assert torch.equal(kernel_buffer, twin_buffer), "kv differs from the PyTorch twin"
     assert torch.equal(kernel_pos, expected_pos) and torch.equal(kernel_pos, twin_pos), "pos differs"
     torch.testing.assert_close(kernel_scores, expected_scores, rtol=0, atol=0, equal_nan=True)
@@ -207,69 +272,71 @@ def check_compaction(buffer, kv_view_fn, pos, scores, keep, **launch):
     ],
     ids=lambda v: str(v).removeprefix("torch."),
 )
-def test_compaction_matches_twin_and_gather(dtype, P, D, layout):
+def test_compaction_matches_twin_and_reference(dtype, P, D, layout):
     g = torch.Generator().manual_seed(10)
-    B, H, S, K = 2, 2, 37, 20
+    B, H, S, fill = 2, 2, 37, 20
     buffer = cache_buffer(P, B, H, S, D, dtype, g, layout=layout)
     pos, scores = slot_metadata(B, S, g)
-    keep = random_keep(B, S, K, g, padding=(0, 3))
-    check_compaction(buffer, kv_view(S, layout), pos, scores, keep)
+    destination = random_destination(B, S, fill, g, real=(S, 15))
+    check_compaction(buffer, kv_view(S, layout), pos, scores, destination)
 
 
 @pytest.mark.parametrize(
-    "keep_rows, is_identity",
+    "plan",
     [
-        pytest.param(lambda S, K: [list(range(S - K, S))] * 2, False, id="newest_slots_overlap_every_block"),
-        pytest.param(lambda S, K: [list(range(1, K + 1))] * 2, False, id="shift_by_one"),
-        pytest.param(lambda S, K: [list(range(4)) + list(range(S - K + 4, S)), list(range(K))], False, id="prefix_in_place"),
-        pytest.param(lambda S, K: [list(range(K))] * 2, True, id="identity_no_op"),
-        pytest.param(lambda S, K: [list(range(0, 2 * (K - 3), 2)) + [-1] * 3, [-1] * K], False, id="padding_rows"),
+        pytest.param(lambda S, fill: [[j for j in range(S - fill)]] * 2, id="every_released_slot_moves"),
+        pytest.param(lambda S, fill: [[-1] * (S - fill)] * 2, id="nothing_moves"),
+        pytest.param(lambda S, fill: [[fill - 1 - j if j % 3 else -1 for j in range(S - fill)], [-1] * (S - fill)],
+                     id="reversed_with_drops"),
     ],
 )
-def test_compaction_in_place_overlaps(keep_rows, is_identity):
-    """Source and destination ranges overlap (the normal case); the walk order must never read a clobbered slot."""
+def test_compaction_of_several_blocks_of_released_slots(plan):
+    """W = 37 released slots with BLOCK_S = 16: three blocks, the last one masked."""
     g = torch.Generator().manual_seed(11)
-    P, B, H, S, K, D = 3, 2, 2, 37, 20, 8
+    P, B, H, S, fill, D = 3, 2, 1, 77, 40, 8
     buffer = cache_buffer(P, B, H, S, D, torch.float32, g)
     pos, scores = slot_metadata(B, S, g, pos_dtype=torch.int32, strided=True)
-    keep = torch.tensor(keep_rows(S, K), dtype=torch.int64, device=device())
-    # BLOCK_S = 16 < K, so destinations span two blocks whose sources overlap the next block.
+    destination = torch.tensor(plan(S, fill), dtype=torch.int64, device=device())
     config = next(c for c in COMPACTION_CONFIGS if c.kwargs["BLOCK_S"] == 16)
-    kernel_buffer, kernel_pos, kernel_scores = check_compaction(buffer, kv_view(S), pos, scores, keep, config=config)
-    if is_identity:
-        assert torch.equal(kernel_buffer, buffer), "identity keep must leave kv unchanged"
-        assert torch.equal(kernel_pos[:, :K], pos[:, :K])
+    kernel_buffer, _, _ = check_compaction(buffer, kv_view(S), pos, scores, destination, config=config)
+    if not bool((destination >= 0).any()):
+        assert torch.equal(kernel_buffer, buffer), "a plan without moves must leave kv unchanged"
 
 
 @pytest.mark.parametrize("config", COMPACTION_CONFIGS, ids=lambda c: f"S{c.kwargs['BLOCK_S']}-D{c.kwargs['BLOCK_D']}-w{c.num_warps}")
 def test_every_gpu_config(config):
     g = torch.Generator().manual_seed(12)
-    P, B, H, S, K, D = 2, 2, 1, 37, 20, 8
+    P, B, H, S, fill, D = 2, 2, 1, 37, 20, 8
     buffer = cache_buffer(P, B, H, S, D, torch.float16, g)
     pos, scores = slot_metadata(B, S, g)
-    keep = random_keep(B, S, K, g, padding=(2, 0))
-    check_compaction(buffer, kv_view(S), pos, scores, keep, config=config)
+    destination = random_destination(B, S, fill, g)
+    check_compaction(buffer, kv_view(S), pos, scores, destination, config=config)
 
 
 def test_head_dim_spanning_several_blocks():
     """D = 80 with BLOCK_D = 64: two D-blocks per row, the second one masked."""
     g = torch.Generator().manual_seed(13)
-    P, B, H, S, K, D = 2, 1, 2, 37, 20, 80
+    P, B, H, S, fill, D = 2, 1, 2, 37, 30, 80
     buffer = cache_buffer(P, B, H, S, D, torch.bfloat16, g)
     pos, scores = slot_metadata(B, S, g)
-    keep = random_keep(B, S, K, g)
+    destination = random_destination(B, S, fill, g)
     config = next(c for c in COMPACTION_CONFIGS if c.kwargs["BLOCK_D"] == 64)
-    check_compaction(buffer, kv_view(S), pos, scores, keep, config=config)
+    check_compaction(buffer, kv_view(S), pos, scores, destination, config=config)
 
 
-def test_keep_as_wide_as_the_cache():
-    """K = S: nothing is cleared past K, padding entries still clear their slot's metadata."""
+def test_no_released_slot_is_a_no_op():
     g = torch.Generator().manual_seed(14)
-    P, B, H, S, D = 2, 2, 1, 19, 8
-    buffer = cache_buffer(P, B, H, S, D, torch.float32, g)
-    pos, scores = slot_metadata(B, S, g)
-    keep = random_keep(B, S, S, g, padding=(0, 5))
-    check_compaction(buffer, kv_view(S), pos, scores, keep)
+    buffer = cache_buffer(2, 2, 1, 19, 8, torch.float32, g)
+    pos, scores = slot_metadata(2, 19, g)
+    check_compaction(buffer, kv_view(19), pos, scores, torch.empty(2, 0, dtype=torch.int64, device=device()))
+
+
+@pytest.mark.parametrize("width, head_dim, block_s, block_d", [(1, 64, 16, 64), (16, 128, 16, 128), (17, 128, 32, 128),
+                                                                 (500, 256, 64, 128), (3, 80, 16, 128)])
+def test_config_follows_the_released_slots_and_head_dim(width, head_dim, block_s, block_d):
+    config = pick_config(width, head_dim)
+    assert config in COMPACTION_CONFIGS
+    assert (config.kwargs["BLOCK_S"], config.kwargs["BLOCK_D"]) == (block_s, block_d)
 
 
 # ----------------------------------------------------------------------------
@@ -278,23 +345,24 @@ def test_keep_as_wide_as_the_cache():
 
 
 def test_evict_end_to_end():
-    """ops.evict_ (Triton compaction) equals the twin's select + compact, and the cache it leaves is sane."""
+    """ops.evict_ (Triton compaction) equals the twins' select + plan + compact, and leaves a sane cache."""
     g = torch.Generator().manual_seed(15)
     P, B, H, S, D = 4, 3, 2, 40, 16
     budget, prefix, recent = 18, [4, 2, 9], 5
     buffer = cache_buffer(P, B, H, S, D, torch.float16, g, layout="token_major")
     kv_of = kv_view(S, "token_major")
-    scores, pos = selection_inputs(B, S, g, nan_fraction=0.1, left_padding=(0, 7, 30), gaps=True)
+    scores, pos = selection_inputs(B, S, g, nan_fraction=0.1, left_padding=(0, 7, 30), gaps=True, shuffled=True)
     assert ops.backend_for(buffer) == "triton"
 
     twin_buffer, twin_pos, twin_scores = buffer.clone(), pos.clone(), scores.clone()
     twin_keep = naive.select_slots(twin_scores, twin_pos, budget, protect_prefix=prefix, recent=recent)
-    naive.compact_slots_(kv_of(twin_buffer), twin_pos, twin_scores, twin_keep)
+    twin_destination = naive.compaction_plan(twin_keep, budget)
+    naive.compact_slots_(kv_of(twin_buffer), twin_pos, twin_scores, twin_destination)
 
     original_pos = pos.clone()
-    keep = ops.evict_(kv_of(buffer), pos, scores, budget, protect_prefix=prefix, recent=recent)
+    destination = ops.evict_(kv_of(buffer), pos, scores, budget, protect_prefix=prefix, recent=recent)
 
-    assert torch.equal(keep, twin_keep)
+    assert torch.equal(destination, twin_destination)
     assert torch.equal(buffer, twin_buffer)
     assert torch.equal(pos, twin_pos)
     torch.testing.assert_close(scores, twin_scores, rtol=0, atol=0, equal_nan=True)
@@ -302,10 +370,16 @@ def test_evict_end_to_end():
         real = original_pos[b][original_pos[b] >= 0]
         kept = pos[b][pos[b] >= 0]
         assert len(kept) == min(budget, len(real))
-        assert bool((kept[1:] > kept[:-1]).all()), "kept tokens stay in stream order"
+        assert int((destination[b] >= 0).sum()) <= S - budget
         must_keep = real[(real < prefix[b]) | (real >= real.max() + 1 - recent)]
         assert set(must_keep.tolist()) <= set(kept.tolist()), "protected tokens were evicted"
         assert bool((pos[b, budget:] == -1).all()) and bool(torch.isnan(scores[b, budget:]).all())
+        # Every kept token's K/V travelled with its position.
+        for slot in range(budget):
+            if pos[b, slot] >= 0:
+                source = int((original_pos[b] == pos[b, slot]).nonzero())
+                assert torch.equal(kv_of(buffer)[:, b, :, slot], kv_of(twin_buffer)[:, b, :, slot])
+                assert source >= budget or source == slot, "a slot below the fill moved"
 
 
 def test_select_slots_accepts_a_device_tensor_of_prefixes():
