@@ -10,14 +10,15 @@ Triton wheel (registers, stack bytes), the metadata gives shared memory, and
 the TTGIR shows whether dots became Hopper ``wgmma`` (``warp_group_dot``) and
 loads went through TMA.
 
-Run as a module in a fresh process, because kernels must not have been
-imported under ``TRITON_INTERPRET=1`` (the tests' setting on a CPU)::
+The kernels must not have been imported under ``TRITON_INTERPRET=1`` (the
+tests' setting on a CPU), so a process that did calls
+:func:`report_in_fresh_process`; from a shell::
 
     python -m perf.static_report --arch 90 --dtype bf16 --head-dim 128 [--json out.json] [--strict]
 
-It prints one JSON object per compiled config on stdout (a list); ``--strict``
-exits non-zero when any config fails to compile. Used by the ``static`` group
-of the perf suite and by ``tests/test_sm90_compile.py``.
+prints one JSON object per compiled config (a list); ``--strict`` exits
+non-zero when any config fails to compile. Used by the ``static`` group of
+the perf suite and by ``tests/test_sm90_compile.py``.
 """
 
 from __future__ import annotations
@@ -33,15 +34,10 @@ import tempfile
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
 
-if os.environ.get("TRITON_INTERPRET", "0") == "1":
-    raise RuntimeError("perf.static_report compiles kernels: run it with TRITON_INTERPRET unset")
-
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.backends.nvidia.driver import CudaDriver  # noqa: E402
-
-from epikv_triton.ops import attention, compaction, h2o, zscore  # noqa: E402
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.driver import CudaDriver
 
 # Opt-in shared memory per block: 227 KiB on H100/H200, 163 KiB on A100.
 SHARED_MEMORY_LIMIT = {90: 232448, 80: 166912}
@@ -200,6 +196,11 @@ def _attention_inputs(T: int, S: int, D: int, dtype: torch.dtype):
 
 def cases(D: int, dtype: torch.dtype) -> Iterator[Case]:
     """The launches that compile every config of every kernel, at Llama-3-8B-like shapes."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise RuntimeError("compiling needs the kernels imported with TRITON_INTERPRET unset: "
+                           "use report_in_fresh_process")
+    from epikv_triton.ops import attention, compaction, h2o, zscore
+
     G = Q_HEADS // KV_HEADS
     prefill = _attention_inputs(PREFILL_TOKENS, PREFILL_TOKENS, D, dtype)
     chunk = _attention_inputs(CHUNK_TOKENS, CACHE_SLOTS + CHUNK_TOKENS, D, dtype)
@@ -285,6 +286,26 @@ def compile_all(arch: int, dtype_name: str, head_dim: int, only: str | None = No
         for case in all_cases:
             case.jit_fn.device_caches.clear()
     return reports
+
+
+def report_rows(arch: int, dtype_name: str, head_dim: int) -> list[dict]:
+    """:func:`compile_all` as plain dicts (the JSON rows of the report)."""
+    return [asdict(report) for report in compile_all(arch, dtype_name, head_dim)]
+
+
+def report_in_fresh_process(arch: int, dtype_name: str, head_dim: int) -> list[dict]:
+    """:func:`report_rows` run in a new Python process with the interpreter off.
+
+    For callers (tests, the perf suite) whose own process imported the kernels
+    under ``TRITON_INTERPRET=1``.
+    """
+    from perf.measure import run_fresh_interpreter
+
+    code = (
+        "import json; from perf.static_report import report_rows; "
+        f"print(json.dumps({{'rows': report_rows({arch}, {dtype_name!r}, {head_dim})}}))"
+    )
+    return run_fresh_interpreter(code, extra_env={"TRITON_INTERPRET": "0"}, timeout_s=600.0)["rows"]
 
 
 def main(argv: list[str] | None = None) -> int:
