@@ -215,7 +215,8 @@ def cases(D: int, dtype: torch.dtype) -> Iterator[Case]:
     yield Case(fwd.__name__, f"prefill T={PREFILL_TOKENS}", fwd, attention.PREFILL_CONFIGS, attend(prefill))
     yield Case(fwd.__name__, f"prefill T={PREFILL_TOKENS} +lse", fwd, attention.PREFILL_CONFIGS,
                attend(prefill, return_lse=True))
-    chunk_space = attention.DECODE_CONFIGS if attention.uses_decode_space(CHUNK_TOKENS * G) else attention.PREFILL_CONFIGS
+    chunk_decodes = attention.uses_decode_space(CHUNK_TOKENS * G)
+    chunk_space = attention.DECODE_CONFIGS if chunk_decodes else attention.PREFILL_CONFIGS
     yield Case(fwd.__name__, f"chunk T={CHUNK_TOKENS} S={CACHE_SLOTS + CHUNK_TOKENS}", fwd, chunk_space,
                attend(chunk, num_splits=DECODE_SPLITS))
     yield Case(fwd.__name__, f"decode S={CACHE_SLOTS + 1}", fwd, attention.DECODE_CONFIGS, attend(decode, num_splits=1))

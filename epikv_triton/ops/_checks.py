@@ -60,7 +60,9 @@ def check_queries_over_slots(
         )
     Hkv, S = k.shape[1], k.shape[2]
     if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv}) for grouped-query attention")
+        raise ValueError(
+            f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv}) for grouped-query attention"
+        )
     if S < T:
         raise ValueError(f"k has {S} slots but q has {T} tokens: the last T key slots must hold the new tokens' keys")
     if T == 0:

@@ -42,17 +42,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_support import (
-    INTERPRET,
-    LN_2_JIT,
-    LOG2_E,
-    autotune,
-    autotune_bucket,
-    dot_precision,
-    launch_options,
-    tile_fully_visible,
-    visible_pairs,
-)
+from ._triton_support import INTERPRET, LN_2_JIT, LOG2_E
+from ._triton_support import autotune, autotune_bucket, dot_precision, launch_options, tile_fully_visible, visible_pairs
 from .naive import AttentionResult
 
 

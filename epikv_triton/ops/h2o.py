@@ -52,17 +52,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_support import (
-    INTERPRET,
-    LOG2_E,
-    LOG2_E_JIT,
-    autotune,
-    autotune_bucket,
-    dot_precision,
-    launch_options,
-    tile_fully_visible,
-    visible_pairs,
-)
+from ._triton_support import INTERPRET, LOG2_E, LOG2_E_JIT
+from ._triton_support import autotune, autotune_bucket, dot_precision, launch_options, tile_fully_visible, visible_pairs
 
 
 # GPU tuning space. BLOCK_N is the resident key tile (like the K/V tile of a

@@ -17,6 +17,8 @@ from epikv_triton.ops.attention import DECODE_CONFIGS, PREFILL_CONFIGS
 from tests.helpers import assert_close_rms, cache_positions, device, poisoning_runner, prefill_positions, randn
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Small key tiles: several per test, so per-tile decisions (splits, mask skip) vary.
+SMALL_TILES = next(c for c in PREFILL_CONFIGS if c.kwargs == {"BLOCK_M": 64, "BLOCK_N": 32})
 
 
 # --------------------------------------------------------------------------- #
@@ -221,10 +223,9 @@ def test_chunked_prefill_window_and_padding(poisoned_allocations, num_splits):
     S = C + T
     q, k, v = qkv(B, Hq, Hkv, T, S, D, torch.float16)
     pos = cache_positions(B, C, T, seen=60, holes=5, pad=(0, 20))
-    small_tiles = next(c for c in PREFILL_CONFIGS if c.kwargs == {"BLOCK_M": 64, "BLOCK_N": 32})
     check_against_twin(
         poisoned_allocations, q, k, v, pos, window=24, prev_k=k[:, :, 0], prev_v=v[:, :, 0], return_lse=True,
-        num_splits=num_splits, config=small_tiles,
+        num_splits=num_splits, config=SMALL_TILES,
     )
 
 
@@ -283,7 +284,7 @@ def test_split_at_budget_plus_one(poisoned_allocations, num_splits):
     check_against_twin(poisoned_allocations, q, k, v, pos, num_splits=num_splits, return_lse=True)
 
 
-@pytest.mark.parametrize("config", [PREFILL_CONFIGS[0], PREFILL_CONFIGS[-1]], ids=lambda c: config_id(c))
+@pytest.mark.parametrize("config", [PREFILL_CONFIGS[0], SMALL_TILES], ids=lambda c: config_id(c))
 def test_split_chunk_above_decode_rows(poisoned_allocations, config):
     """T·G = 24 rows (above the decode space) split three ways, as few row blocks get on a GPU."""
     torch.manual_seed(14)
@@ -298,7 +299,7 @@ def test_split_chunk_above_decode_rows(poisoned_allocations, config):
     )
 
 
-@pytest.mark.parametrize("config", [None, PREFILL_CONFIGS[-1]], ids=lambda c: "autotuned" if c is None else config_id(c))
+@pytest.mark.parametrize("config", [None, SMALL_TILES], ids=["autotuned", "small-tiles"])
 @pytest.mark.parametrize("C, T, window", [(128, 20, None), (128, 20, 150), (128, 20, 40), (126, 2, None)])
 def test_fully_visible_tiles_skip_the_mask(poisoned_allocations, C, T, window, config):
     """A hole-free cache older than every new token: whole key tiles are visible and unmasked.

@@ -234,7 +234,11 @@ def test_window_skip_ends_exactly_at_the_last_seeing_token(poisoned_run):
         check_against_twin(poisoned_run, q, k, pos, window=window, config=config)
 
 
-@pytest.mark.parametrize("config", [None, COLUMN_SUM_CONFIGS[4]], ids=lambda c: "autotuned" if c is None else config_id(c))
+@pytest.mark.parametrize(
+    "config",
+    [None, next(c for c in COLUMN_SUM_CONFIGS if c.kwargs == {"BLOCK_M": 64, "BLOCK_N": 64})],
+    ids=["autotuned", "small-tiles"],
+)
 @pytest.mark.parametrize("C, T, window", [(128, 20, None), (128, 20, 150), (128, 20, 40), (126, 2, None)])
 def test_fully_visible_tiles_skip_the_mask(poisoned_run, C, T, window, config):
     """A hole-free cache older than every new token: whole tiles are visible and unmasked.
