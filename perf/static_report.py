@@ -183,6 +183,8 @@ class Case:
     jit_fn: object
     configs: list
     launch: Callable[[triton.Config], None]
+    # The kernel's own launch parameters when ``configs`` steer another kernel of the launch.
+    fixed_config_name: str | None = None
 
 
 def _attention_inputs(T: int, S: int, D: int, dtype: torch.dtype):
@@ -223,9 +225,8 @@ def cases(D: int, dtype: torch.dtype) -> Iterator[Case]:
     yield Case(fwd.__name__, f"decode S={CACHE_SLOTS + 1} split", fwd, attention.DECODE_CONFIGS,
                attend(decode, num_splits=DECODE_SPLITS))
     combine = attention._combine_splits_kernel
-    first_decode = attention.DECODE_CONFIGS[0]
-    yield Case(combine.__name__, f"decode split={DECODE_SPLITS}", combine, [first_decode],
-               attend(decode, num_splits=DECODE_SPLITS))
+    yield Case(combine.__name__, f"decode split={DECODE_SPLITS}", combine, attention.DECODE_CONFIGS[:1],
+               attend(decode, num_splits=DECODE_SPLITS), fixed_config_name=f"R{attention.COMBINE_ROWS}-w4")
 
     lse_prefill = torch.zeros(1, Q_HEADS, PREFILL_TOKENS)
     lse_decode = torch.zeros(1, Q_HEADS, 1)
@@ -271,7 +272,8 @@ def compile_all(arch: int, dtype_name: str, head_dim: int, only: str | None = No
                 continue
             case.jit_fn.device_caches.clear()  # an earlier case may have compiled the same specialisation
             for config in case.configs:
-                report = ConfigReport(case.kernel, case.case, config_name(config), arch, dtype_name, head_dim)
+                name = case.fixed_config_name or config_name(config)
+                report = ConfigReport(case.kernel, case.case, name, arch, dtype_name, head_dim)
                 before = _compiled_kernels(case.jit_fn)
                 try:
                     case.launch(config)

@@ -77,7 +77,8 @@ COLUMN_SUM_CONFIGS = [
 # The interpreter runs one config; big tiles mean fewer interpreted iterations.
 COLUMN_SUM_INTERPRET_CONFIG = triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=4, num_stages=1)
 
-AUTOTUNE_KEY = ["BLOCK_D", "G", "ROWS_BUCKET", "KEYS_BUCKET", "HAS_WINDOW"]
+# Tile-relevant sizes and the (batch, kv head) count that multiplies the key blocks into programs.
+AUTOTUNE_KEY = ["BLOCK_D", "G", "ROWS_BUCKET", "KEYS_BUCKET", "PROGRAMS_BUCKET", "HAS_WINDOW"]
 
 
 # --------------------------------------------------------------------------- #
@@ -94,7 +95,7 @@ def _column_sums_kernel(
     stride_lb, stride_lh, stride_lt,
     T, S, D, G, Hkv,
     qk_scale, window,
-    ROWS_BUCKET, KEYS_BUCKET,  # autotune key only
+    ROWS_BUCKET, KEYS_BUCKET, PROGRAMS_BUCKET,  # autotune key only
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -202,7 +203,7 @@ def attention_column_sums(
         *q.stride(), *k.stride(), *pos.stride(), *lse.stride(),
         T, S, D, G, Hkv,
         scale * LOG2_E, window if window is not None else 0,
-        autotune_bucket(T * G), autotune_bucket(S),
+        autotune_bucket(T * G), autotune_bucket(S), autotune_bucket(B * Hkv),
     )
     constants = dict(
         BLOCK_D=max(16, triton.next_power_of_2(D)),

@@ -406,6 +406,8 @@ def test_every_decode_config(poisoned_allocations, config, num_splits):
 
 
 def test_config_spaces_are_well_formed():
+    # A config tuned for a handful of programs must not serve a full GPU, nor one split for many.
+    assert {"PROGRAMS_BUCKET", "SPLITS_BUCKET"} <= set(attention.AUTOTUNE_KEY)
     decode_rows = attention.DECODE_MAX_ROWS
     for space, min_rows in ((PREFILL_CONFIGS, decode_rows + 1), (DECODE_CONFIGS, decode_rows)):
         assert 1 <= len(space) <= 8
