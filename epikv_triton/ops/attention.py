@@ -54,13 +54,14 @@ from .naive import AttentionResult
 # Prefill / chunked prefill: compute bound (4·rows·S·D FLOPs per (batch, kv head)
 # against 2·S·D·bytes of K/V), so big M tiles amortise each K/V tile over many
 # rows; N and the pipeline depth trade registers/shared memory against latency
-# hiding. Every config here compiles for sm_90 at D = 128 (bf16 and fp16) with
-# no register spills (`python -m perf.static_report`): 128×128 tiles and 64×64
-# tiles on 4 warps spill (the fp32 accumulator, the score tile and Q's operand
-# do not fit 255 registers per thread next to each other) and are left out.
+# hiding. Every config here compiles for sm_90 at D = 128 (bf16 and fp16, with
+# Triton 3.6 and 3.9) with no register spills (`python -m perf.static_report`):
+# 128×128 tiles and 64×64 tiles on 4 warps spill (the fp32 accumulator, the
+# score tile and Q's operand do not fit 255 registers per thread side by side)
+# and are left out.
 PREFILL_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=4),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=4),
@@ -68,15 +69,16 @@ PREFILL_CONFIGS = [
 ]
 
 # Decode: memory bound (each K/V byte is used by only G rows), so the smallest M
-# tile tl.dot accepts and long N tiles with deep pipelines to keep HBM busy,
-# within the 227 KiB of shared memory an H100 block can have (256-key tiles at
-# 4 warps and 3 stages need 272 KiB).
+# tile tl.dot accepts and long N tiles with deep pipelines to keep HBM busy.
+# 256-key tiles are left out: at 4 warps they spill (and need 272 KiB of shared
+# memory at 3 stages, above an H100 block's 227 KiB), at 8 warps they spill
+# with Triton 3.6 when splitting.
 DECODE_CONFIGS = [
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 128}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 128}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 256}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 128}, num_warps=8, num_stages=3),
 ]
 
 # The interpreter runs one config; big tiles mean fewer interpreted iterations.
@@ -87,8 +89,9 @@ INTERPRET_DECODE_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 128}, num_war
 DECODE_MAX_ROWS = 16
 # Split-K (GPU only): a launch whose row blocks give fewer than PROGRAMS_PER_SM
 # programs per SM cuts its keys into splits of at least MIN_KEYS_PER_SPLIT keys.
-# A split is a whole number of SPLIT_GRANULE keys (a multiple of every decode
-# BLOCK_N up to it), so only a split's last tile is ragged.
+# Split sizes are multiples of SPLIT_GRANULE keys, so with key tiles up to that
+# size a split boundary never cuts a tile in two (a partial tile at each
+# boundary would cost a whole tile's loads and dots).
 PROGRAMS_PER_SM = 2
 MIN_KEYS_PER_SPLIT = 256
 SPLIT_GRANULE = 64
