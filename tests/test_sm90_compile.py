@@ -5,7 +5,7 @@ every config of every kernel is built through the project's launchers at a
 Llama-3-8B-shaped layer, bf16, head_dim 128, so a config that cannot build —
 or needs more shared memory than an H100 block has — fails here rather than
 on a user's GPU. Attention and the H2O column sums must also be free of
-register spills. About a minute on two CPU cores with a cold Triton cache.
+register spills. About 30 s on two CPU cores with a cold Triton cache.
 """
 
 from __future__ import annotations
