@@ -162,7 +162,11 @@ def _read_kernel(compiled, report: ConfigReport) -> None:
 
 
 def _compiled_kernels(jit_fn) -> dict:
-    """Every kernel ``jit_fn`` has compiled so far, by cache key."""
+    """Every kernel ``jit_fn`` has compiled so far, by cache key.
+
+    Reads Triton's per-device kernel cache (``device_caches[device][0]``, the
+    same in Triton 3.6 and 3.9): a launch does not return what it compiled.
+    """
     return {key: kernel for cache in jit_fn.device_caches.values() for key, kernel in cache[0].items()}
 
 
