@@ -25,6 +25,9 @@ _ROWS: dict[str, list[dict]] = defaultdict(list)
 
 def pytest_addoption(parser):
     parser.addoption("--benchmark", action="store_true", default=False, help="run the perf suite (skipped without it)")
+    parser.addoption(
+        "--static-json", default="perf-static.json", help="where the static group writes its rows (JSON)"
+    )
 
 
 def pytest_configure(config):

@@ -69,8 +69,9 @@ def slot_attention(
     (``-1`` = empty or padding). Key ``j`` is visible to query ``i`` iff
     ``pos[j] >= 0 and pos[j] <= pos_q[i]`` (and ``pos_q[i] - pos[j] < window``).
     ``prev_k``/``prev_v [B, Hkv, D]``: the key/value of the token before the
-    first new one (its delta is NaN without them). ``num_splits`` splits the
-    keys across programs (decode); ``None`` picks it from the shape.
+    first new one (its delta is NaN without them). ``num_splits`` caps how many
+    contiguous key splits run in parallel (split-K: each launched split gets
+    keys, so fewer may run); ``None`` picks it from the shape and the GPU.
     ``check_positions`` validates positions on the host (one sync); engines
     that build positions themselves pass ``False``.
     Returns :class:`AttentionResult` ``(out, dk, dv, lse)``.

@@ -36,6 +36,43 @@ def require_same_device(**tensors: torch.Tensor | None) -> torch.device:
     return devices.pop()
 
 
+def check_queries_over_slots(
+    q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, window: int | None, **companions: torch.Tensor | None
+) -> tuple[int, int, int, int, int, int]:
+    """What every attention-shaped op requires; returns ``(B, Hq, Hkv, T, S, D)``.
+
+    ``q [B, Hq, T, D]`` and ``k [B, Hkv, S, D]`` of one float dtype with
+    ``Hq`` a multiple of ``Hkv`` and ``S >= T >= 1``, ``pos [B, S]`` int32/int64,
+    ``window`` None or a positive int; ``companions`` (the op's other tensors,
+    None when absent) share the device. Positions are not read here (see
+    :func:`check_query_positions`).
+    """
+    require_tensor("q", q, 4, FLOAT_DTYPES)
+    require_tensor("k", k, 4, FLOAT_DTYPES)
+    require_tensor("pos", pos, 2, INT_DTYPES)
+    require_same_device(q=q, k=k, pos=pos, **companions)
+    if q.dtype != k.dtype:
+        raise ValueError(f"q and k must share one dtype; got {q.dtype} and {k.dtype}")
+    B, Hq, T, D = q.shape
+    if k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(
+            f"k must have shape [B, Hkv, S, D] with B={B} and D={D} taken from q [B, Hq, T, D]; got {tuple(k.shape)}"
+        )
+    Hkv, S = k.shape[1], k.shape[2]
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(
+            f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv}) for grouped-query attention"
+        )
+    if S < T:
+        raise ValueError(f"k has {S} slots but q has {T} tokens: the last T key slots must hold the new tokens' keys")
+    if T == 0:
+        raise ValueError("q has no tokens (T = 0)")
+    require_shape("pos", pos, (B, S), "[B, S]")
+    if window is not None and (not isinstance(window, int) or window < 1):
+        raise ValueError(f"window must be a positive int or None, got {window!r}")
+    return B, Hq, Hkv, T, S, D
+
+
 def check_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -47,33 +84,15 @@ def check_attention(
     num_splits: int | None,
     check_positions: bool,
 ) -> None:
-    require_tensor("q", q, 4, FLOAT_DTYPES)
-    require_tensor("k", k, 4, FLOAT_DTYPES)
     require_tensor("v", v, 4, FLOAT_DTYPES)
-    require_tensor("pos", pos, 2, INT_DTYPES)
-    require_same_device(q=q, k=k, v=v, pos=pos, prev_k=prev_k, prev_v=prev_v)
-    if not (q.dtype == k.dtype == v.dtype):
+    B, _, Hkv, T, S, D = check_queries_over_slots(q, k, pos, window, v=v, prev_k=prev_k, prev_v=prev_v)
+    if v.dtype != q.dtype:
         raise ValueError(f"q, k and v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
-    B, Hq, T, D = q.shape
-    if k.shape[0] != B or k.shape[3] != D:
-        raise ValueError(
-            f"k must have shape [B, Hkv, S, D] with B={B} and D={D} taken from q [B, Hq, T, D]; got {tuple(k.shape)}"
-        )
-    Hkv, S = k.shape[1], k.shape[2]
     require_shape("v", v, (B, Hkv, S, D), "[B, Hkv, S, D] like k")
-    if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv}) for grouped-query attention")
-    if S < T:
-        raise ValueError(f"k has {S} slots but q has {T} tokens: the last T key slots must hold the new tokens' keys")
-    if T == 0:
-        raise ValueError("q has no tokens (T = 0)")
-    require_shape("pos", pos, (B, S), "[B, S]")
     for name, prev in (("prev_k", prev_k), ("prev_v", prev_v)):
         if prev is not None:
             require_tensor(name, prev, 3, FLOAT_DTYPES)
             require_shape(name, prev, (B, Hkv, D), "[B, Hkv, D]")
-    if window is not None and (not isinstance(window, int) or window < 1):
-        raise ValueError(f"window must be a positive int or None, got {window!r}")
     if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
     if check_positions:
@@ -185,28 +204,8 @@ def check_column_sums(
     check_positions: bool,
 ) -> None:
     """Inputs of ``attention_column_sums``: ``q``/``k``/``pos`` as for attention, ``lse [B, Hq, T]`` float32."""
-    require_tensor("q", q, 4, FLOAT_DTYPES)
-    require_tensor("k", k, 4, FLOAT_DTYPES)
-    require_tensor("pos", pos, 2, INT_DTYPES)
     require_tensor("lse", lse, 3, (torch.float32,))
-    require_same_device(q=q, k=k, pos=pos, lse=lse)
-    if q.dtype != k.dtype:
-        raise ValueError(f"q and k must share one dtype; got {q.dtype} and {k.dtype}")
-    B, Hq, T, D = q.shape
-    if k.shape[0] != B or k.shape[3] != D:
-        raise ValueError(
-            f"k must have shape [B, Hkv, S, D] with B={B} and D={D} taken from q [B, Hq, T, D]; got {tuple(k.shape)}"
-        )
-    Hkv, S = k.shape[1], k.shape[2]
-    if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(f"query heads ({Hq}) must be a multiple of key heads ({Hkv}) for grouped-query attention")
-    if T == 0:
-        raise ValueError("q has no tokens (T = 0)")
-    if S < T:
-        raise ValueError(f"k has {S} slots but q has {T} tokens: the last T key slots must hold the new tokens' keys")
-    require_shape("pos", pos, (B, S), "[B, S]")
+    B, Hq, _, T, _, _ = check_queries_over_slots(q, k, pos, window, lse=lse)
     require_shape("lse", lse, (B, Hq, T), "[B, Hq, T] like q (slot_attention's lse)")
-    if window is not None and (not isinstance(window, int) or window < 1):
-        raise ValueError(f"window must be a positive int or None, got {window!r}")
     if check_positions:
         check_query_positions(pos, T)

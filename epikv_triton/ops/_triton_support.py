@@ -1,4 +1,4 @@
-"""What every Triton kernel here shares: interpreter awareness and autotuning.
+"""What every Triton kernel here shares: interpreter awareness, autotuning, the visibility rule.
 
 Triton's CPU interpreter (``TRITON_INTERPRET=1``) cannot benchmark, so an
 autotuned kernel gets a single config there; tests still launch every GPU
@@ -14,27 +14,31 @@ from typing import Callable, Sequence
 
 import torch
 import triton
+import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# Kernels use exp2: log2(e) is folded into the softmax scale on the host.
+# Kernels use exp2: log2(e) is folded into the softmax scale on the host, and a
+# base-2 log-sum-exp becomes a natural one times ln(2). The _JIT twins are for
+# @triton.jit bodies, which may only read constexpr globals.
 LOG2_E = 1.4426950408889634
+LOG2_E_JIT = tl.constexpr(LOG2_E)
+LN_2_JIT = tl.constexpr(0.6931471805599453)
 
 
 def autotune(
     configs: Sequence[triton.Config],
     key: list[str],
     interpret_config: triton.Config | None = None,
-    restore_value: list[str] | None = None,
 ) -> Callable:
     """``triton.autotune`` over ``configs`` on a GPU; one config under the interpreter.
 
-    ``restore_value`` names the arguments an in-place kernel overwrites: while
-    tuning, Triton runs every config on the real arguments, so it must save and
-    restore them around each trial or the caller's data gets transformed
-    several times.
+    Only for kernels that write fresh outputs: tuning runs every config on the
+    caller's arguments, so an in-place kernel would need them saved and
+    restored around each trial (a copy of the whole KV cache for compaction).
+    The in-place kernels pick their config from the shape instead.
     """
     chosen = [interpret_config or configs[0]] if INTERPRET else list(configs)
-    return triton.autotune(configs=chosen, key=key, restore_value=restore_value)
+    return triton.autotune(configs=chosen, key=key)
 
 
 def launch_options(config: triton.Config | None) -> dict:
@@ -56,3 +60,38 @@ def dot_precision(dtype: torch.dtype) -> str:
     sums) must use the same one, or ``exp(s - lse)`` drifts.
     """
     return "ieee" if (dtype == torch.float32 or INTERPRET) else "tf32"
+
+
+# --------------------------------------------------------------------------- #
+# The visibility rule, for every kernel
+# --------------------------------------------------------------------------- #
+# Key j is visible to query i iff pos_k[j] >= 0, pos_k[j] <= pos_q[i] and, with
+# a window, pos_q[i] - pos_k[j] < window (the twin is naive.visibility_mask).
+# Kernels hold positions as int32 vectors: pos_q over a tile's rows and pos_k
+# over its keys, -1 for empty slots, padding and out-of-range lanes.
+
+
+@triton.jit
+def visible_pairs(pos_q, pos_k, window, HAS_WINDOW: tl.constexpr):
+    """``[M, N]`` bool: which (row, key) pairs of a tile the rule lets through."""
+    visible = (pos_k[None, :] >= 0) & (pos_k[None, :] <= pos_q[:, None])
+    if HAS_WINDOW:
+        visible = visible & ((pos_q[:, None] - pos_k[None, :]) < window)
+    return visible
+
+
+@triton.jit
+def tile_fully_visible(pos_q_min, pos_q_max, pos_k, window, HAS_WINDOW: tl.constexpr):
+    """Scalar: every row of a tile sees every key of it, so the mask can be skipped.
+
+    ``pos_q_min``/``pos_q_max`` bound the positions of the rows that matter
+    (rows whose results are stored; a padding row's -1 keeps the mask on). With
+    every key real (min >= 0) and no later than the earliest row, and, with a
+    window, the latest row within ``window`` of the earliest key, the rule holds
+    for every pair. Out-of-range keys carry -1, so a ragged tile is masked.
+    """
+    key_min = tl.min(pos_k, axis=0)
+    visible = (key_min >= 0) & (tl.max(pos_k, axis=0) <= pos_q_min)
+    if HAS_WINDOW:
+        visible = visible & (pos_q_max - key_min < window)
+    return visible

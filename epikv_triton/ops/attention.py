@@ -22,9 +22,14 @@ How the work is cut:
 * Softmax is online, in float32, in base 2 (``log2(e)`` is folded into the scale).
   A row that sees no key keeps a running max of ``-inf``; the kernel then uses 0
   as the subtraction point and writes ``out = 0``, ``lse = -inf``.
-* Split-K: the grid's third axis cuts the key range into ``num_splits``
-  contiguous pieces; with more than one piece each writes a partial
-  (out, lse) to float32 scratch and a second small kernel merges them.
+* Split-K: the grid's third axis cuts the key range into contiguous splits of
+  ``keys_per_split`` keys (:func:`split_plan`; every launched split has keys),
+  used whenever the row blocks alone leave SMs idle (:func:`choose_num_splits`).
+  With more than one split each writes a partial (out, lse) to float32
+  scratch and a second small kernel merges them.
+* The mask costs a compare-and-select per score; a key tile whose positions
+  prove every pair visible (two reductions per tile, see
+  :func:`~epikv_triton.ops._triton_support.tile_fully_visible`) skips it.
 * Delta norms are emitted by the split-0 program of each row block, for the
   tokens whose first row ``t * G`` lies in that block (each token exactly once).
 """
@@ -37,7 +42,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_support import INTERPRET, LOG2_E, autotune, autotune_bucket, dot_precision, launch_options
+from ._triton_support import INTERPRET, LN_2_JIT, LOG2_E
+from ._triton_support import autotune, autotune_bucket, dot_precision, launch_options, tile_fully_visible, visible_pairs
 from .naive import AttentionResult
 
 
@@ -48,28 +54,31 @@ from .naive import AttentionResult
 # Prefill / chunked prefill: compute bound (4·rows·S·D FLOPs per (batch, kv head)
 # against 2·S·D·bytes of K/V), so big M tiles amortise each K/V tile over many
 # rows; N and the pipeline depth trade registers/shared memory against latency
-# hiding. Configs that do not fit (e.g. D = 256 with 128×128 tiles, 4 stages)
-# fail to compile and are skipped by the autotuner.
+# hiding. Every config here compiles for sm_90 at D = 128 (bf16 and fp16, with
+# Triton 3.6 and 3.9) with no register spills (`python -m perf.static_report`):
+# 128×128 tiles and 64×64 tiles on 4 warps spill (the fp32 accumulator, the
+# score tile and Q's operand do not fit 255 registers per thread side by side)
+# and are left out.
 PREFILL_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
 ]
 
 # Decode: memory bound (each K/V byte is used by only G rows), so the smallest M
 # tile tl.dot accepts and long N tiles with deep pipelines to keep HBM busy.
+# 256-key tiles are left out: at 4 warps they spill (and need 272 KiB of shared
+# memory at 3 stages, above an H100 block's 227 KiB), at 8 warps they spill
+# with Triton 3.6 when splitting.
 DECODE_CONFIGS = [
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 128}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 128}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 256}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 256}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 128}, num_warps=8, num_stages=3),
 ]
 
 # The interpreter runs one config; big tiles mean fewer interpreted iterations.
@@ -78,15 +87,24 @@ INTERPRET_DECODE_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 128}, num_war
 
 # Rows (T * G) up to this many use the decode space.
 DECODE_MAX_ROWS = 16
-# Split-K heuristics (GPU only): aim for this many programs per SM, and never
-# give a split fewer keys than this.
+# Split-K (GPU only): a launch whose row blocks give fewer than PROGRAMS_PER_SM
+# programs per SM cuts its keys into splits of at least MIN_KEYS_PER_SPLIT keys.
+# Split sizes are multiples of SPLIT_GRANULE keys, so with key tiles up to that
+# size a split boundary never cuts a tile in two (a partial tile at each
+# boundary would cost a whole tile's loads and dots).
 PROGRAMS_PER_SM = 2
 MIN_KEYS_PER_SPLIT = 256
+SPLIT_GRANULE = 64
 MAX_SPLITS = 128
 # Rows merged per program by the split combine kernel.
 COMBINE_ROWS = 16 if INTERPRET else 4
 
-AUTOTUNE_KEY = ["BLOCK_D", "G", "ROWS_BUCKET", "KEYS_BUCKET", "HAS_WINDOW", "WITH_DELTAS", "WRITE_LSE"]
+# What changes the best config: tile-relevant sizes and the parallelism around
+# them (a config tuned for 8 programs is not the one for 512).
+AUTOTUNE_KEY = [
+    "BLOCK_D", "G", "ROWS_BUCKET", "KEYS_BUCKET", "PROGRAMS_BUCKET", "SPLITS_BUCKET",
+    "HAS_WINDOW", "WITH_DELTAS", "WRITE_LSE",
+]
 
 
 # --------------------------------------------------------------------------- #
@@ -106,8 +124,8 @@ def _attention_fwd_kernel(
     stride_pkb, stride_pkh, stride_pkd,
     stride_pvb, stride_pvh, stride_pvd,
     T, S, D, G, Hkv,
-    qk_scale, window,
-    ROWS_BUCKET, KEYS_BUCKET,  # autotune key only
+    qk_scale, window, keys_per_split,
+    ROWS_BUCKET, KEYS_BUCKET, PROGRAMS_BUCKET, SPLITS_BUCKET,  # autotune key only
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_WINDOW: tl.constexpr, WRITE_LSE: tl.constexpr,
     WITH_DELTAS: tl.constexpr, HAS_PREV_K: tl.constexpr, HAS_PREV_V: tl.constexpr,
@@ -116,7 +134,6 @@ def _attention_fwd_kernel(
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     split = tl.program_id(2)
-    num_splits = tl.num_programs(2)
     # 64-bit bases: batch * batch-stride overflows int32 for long caches.
     b = (pid_bh // Hkv).to(tl.int64)
     kv_head = (pid_bh % Hkv).to(tl.int64)
@@ -131,8 +148,12 @@ def _attention_fwd_kernel(
     row_dim_mask = row_valid[:, None] & dim_valid[None, :]
 
     pos_row = POS + b * stride_pb
-    # Rows past the end read position -1: they see nothing and are never stored.
-    pos_q = tl.load(pos_row + (S - T + token) * stride_ps, mask=row_valid, other=-1)
+    # Positions are held as int32 (half the registers of int64). Rows past the
+    # end read -1: they see nothing and are never stored.
+    pos_q = tl.load(pos_row + (S - T + token) * stride_ps, mask=row_valid, other=-1).to(tl.int32)
+    # Bounds over the stored rows, for the per-tile "no mask needed" proof.
+    pos_q_min = tl.min(tl.where(row_valid, pos_q, 2147483647), axis=0)
+    pos_q_max = tl.max(pos_q, axis=0)
 
     q_ptrs = Q + b * stride_qb + q_head[:, None] * stride_qh + token[:, None] * stride_qt + dims[None, :] * stride_qd
     q = tl.load(q_ptrs, mask=row_dim_mask, other=0.0)
@@ -142,8 +163,6 @@ def _attention_fwd_kernel(
     # Keys after the block's last token are later new tokens: never visible.
     last_token = tl.minimum(pid_m * BLOCK_M + BLOCK_M - 1, num_rows - 1) // G
     causal_end = S - T + last_token + 1
-    # Splits are whole key tiles so every tile but the last is full.
-    keys_per_split = tl.cdiv(tl.cdiv(S, num_splits), BLOCK_N) * BLOCK_N
     key_lo = split * keys_per_split
     key_hi = tl.minimum(key_lo + keys_per_split, causal_end)
 
@@ -157,7 +176,7 @@ def _attention_fwd_kernel(
     for start in range(key_lo, key_hi, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
         key_valid = keys < key_hi
-        pos_k = tl.load(pos_row + keys * stride_ps, mask=key_valid, other=-1)
+        pos_k = tl.load(pos_row + keys * stride_ps, mask=key_valid, other=-1).to(tl.int32)
         kv_mask = key_valid[:, None] & dim_valid[None, :]
         # K is loaded transposed ([D, N]) so the score tile is a plain q @ k_t.
         k_t = tl.load(
@@ -170,11 +189,9 @@ def _attention_fwd_kernel(
             v = v.to(tl.float32)
 
         scores = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
-        # The masking rule, applied to every tile: positions are the only truth.
-        visible = (pos_k[None, :] >= 0) & (pos_k[None, :] <= pos_q[:, None])
-        if HAS_WINDOW:
-            visible = visible & ((pos_q[:, None] - pos_k[None, :]) < window)
-        scores = tl.where(visible, scores, float("-inf"))
+        # Positions are the only truth; a tile they prove fully visible skips the mask.
+        if not tile_fully_visible(pos_q_min, pos_q_max, pos_k, window, HAS_WINDOW):
+            scores = tl.where(visible_pairs(pos_q, pos_k, window, HAS_WINDOW), scores, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         # A row with nothing visible yet subtracts 0 instead of -inf (no NaN).
@@ -197,7 +214,7 @@ def _attention_fwd_kernel(
     )
     tl.store(out_ptrs, out.to(OUT.dtype.element_ty), mask=row_dim_mask)
     if WRITE_LSE:
-        lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+        lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * LN_2_JIT, float("-inf"))
         lse_ptrs = LSE + split * stride_lsplit + b * stride_lb + q_head * stride_lh + token * stride_lt
         tl.store(lse_ptrs, lse, mask=row_valid)
 
@@ -299,18 +316,34 @@ def _multiprocessor_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def choose_num_splits(batch_kv_heads: int, num_rows: int, num_keys: int, device: torch.device) -> int:
-    """Split-K factor for a launch: only decode-sized row counts on a GPU get more than 1.
+def choose_num_splits(batch_kv_heads: int, num_rows: int, num_keys: int, multiprocessor_count: int) -> int:
+    """Split-K factor wanted for a launch on a GPU with ``multiprocessor_count`` SMs (0: no GPU).
 
-    Enough programs to give every SM ``PROGRAMS_PER_SM`` of them, with at
-    least ``MIN_KEYS_PER_SPLIT`` keys per split. Under the interpreter there is
-    nothing to fill, so 1 (callers can still force a split count).
+    Row blocks are counted with the config space's largest ``BLOCK_M`` (the
+    fewest programs any config launches). When they and ``batch_kv_heads`` give
+    fewer than ``PROGRAMS_PER_SM`` programs per SM, the keys are split to make
+    up the difference, whatever ``T * G`` is, with at least
+    ``MIN_KEYS_PER_SPLIT`` keys per split. :func:`split_plan` turns the
+    factor into the launched splits.
     """
-    if device.type != "cuda" or not uses_decode_space(num_rows):
+    space = DECODE_CONFIGS if uses_decode_space(num_rows) else PREFILL_CONFIGS
+    largest_block_m = max(config.kwargs["BLOCK_M"] for config in space)
+    programs = triton.cdiv(num_rows, largest_block_m) * batch_kv_heads
+    target = PROGRAMS_PER_SM * multiprocessor_count
+    if programs >= target:
         return 1
-    target = PROGRAMS_PER_SM * _multiprocessor_count(device.index or 0)
-    wanted = triton.cdiv(target, batch_kv_heads)
+    wanted = triton.cdiv(target, programs)
     return max(1, min(wanted, num_keys // MIN_KEYS_PER_SPLIT, MAX_SPLITS))
+
+
+def split_plan(num_keys: int, num_splits: int) -> tuple[int, int]:
+    """``(keys_per_split, launched_splits)`` for at most ``num_splits`` contiguous splits of the keys.
+
+    Splits are whole ``SPLIT_GRANULE``-key granules and only as many are
+    launched as the rounded size needs, so every launched split has keys.
+    """
+    keys_per_split = triton.cdiv(triton.cdiv(num_keys, num_splits), SPLIT_GRANULE) * SPLIT_GRANULE
+    return keys_per_split, triton.cdiv(num_keys, keys_per_split)
 
 
 # --------------------------------------------------------------------------- #
@@ -344,7 +377,9 @@ def slot_attention(
     num_rows = T * G
     scale = D**-0.5 if scale is None else float(scale)
     if num_splits is None:
-        num_splits = choose_num_splits(B * Hkv, num_rows, S, q.device)
+        multiprocessors = _multiprocessor_count(q.device.index or 0) if q.is_cuda else 0
+        num_splits = choose_num_splits(B * Hkv, num_rows, S, multiprocessors)
+    keys_per_split, num_splits = split_plan(S, num_splits)
 
     out = torch.empty((B, Hq, T, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, T), dtype=torch.float32, device=q.device) if return_lse else None
@@ -384,8 +419,8 @@ def slot_attention(
         *lse_strides, split_lse_stride,
         *prev_k_strides, *prev_v_strides,
         T, S, D, G, Hkv,
-        scale * LOG2_E, window if window is not None else 0,
-        autotune_bucket(num_rows), autotune_bucket(S),
+        scale * LOG2_E, window if window is not None else 0, keys_per_split,
+        autotune_bucket(num_rows), autotune_bucket(S), autotune_bucket(B * Hkv), autotune_bucket(num_splits),
     )
     constants = dict(
         BLOCK_D=max(16, triton.next_power_of_2(D)),
@@ -423,5 +458,6 @@ __all__ = [
     "PREFILL_CONFIGS",
     "choose_num_splits",
     "slot_attention",
+    "split_plan",
     "uses_decode_space",
 ]

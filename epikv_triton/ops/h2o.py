@@ -15,7 +15,9 @@ Same contract as :func:`epikv_triton.ops.naive.attention_column_sums`:
   queries' own keys.
 * ``pos``: ``[B, S]`` int32/int64, ``-1`` = empty/padding slot; query ``i`` has
   position ``pos[:, S − T + i]``. Visibility is the library's one rule
-  (:func:`~epikv_triton.ops.naive.visibility_mask`).
+  (:func:`~epikv_triton.ops.naive.visibility_mask`; in kernels
+  :func:`~epikv_triton.ops._triton_support.visible_pairs`), and a tile whose
+  positions prove every pair visible skips the mask.
 * ``lse``: ``[B, Hq, T]`` float32, any strides (what ``slot_attention`` returns);
   a row with ``lse = −inf`` saw no key and contributes nothing.
 * Returns ``[B, Hkv, S]`` float32, contiguous: for every key slot the summed
@@ -50,7 +52,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_support import INTERPRET, LOG2_E, autotune, autotune_bucket, dot_precision, launch_options
+from ._triton_support import INTERPRET, LOG2_E, LOG2_E_JIT
+from ._triton_support import autotune, autotune_bucket, dot_precision, launch_options, tile_fully_visible, visible_pairs
 
 
 # GPU tuning space. BLOCK_N is the resident key tile (like the K/V tile of a
@@ -74,7 +77,8 @@ COLUMN_SUM_CONFIGS = [
 # The interpreter runs one config; big tiles mean fewer interpreted iterations.
 COLUMN_SUM_INTERPRET_CONFIG = triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=4, num_stages=1)
 
-AUTOTUNE_KEY = ["BLOCK_D", "G", "ROWS_BUCKET", "KEYS_BUCKET", "HAS_WINDOW"]
+# Tile-relevant sizes and the (batch, kv head) count that multiplies the key blocks into programs.
+AUTOTUNE_KEY = ["BLOCK_D", "G", "ROWS_BUCKET", "KEYS_BUCKET", "PROGRAMS_BUCKET", "HAS_WINDOW"]
 
 
 # --------------------------------------------------------------------------- #
@@ -91,7 +95,7 @@ def _column_sums_kernel(
     stride_lb, stride_lh, stride_lt,
     T, S, D, G, Hkv,
     qk_scale, window,
-    ROWS_BUCKET, KEYS_BUCKET,  # autotune key only
+    ROWS_BUCKET, KEYS_BUCKET, PROGRAMS_BUCKET,  # autotune key only
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -110,8 +114,8 @@ def _column_sums_kernel(
     dim_valid = dims < D
 
     pos_row = POS + b * stride_pb
-    # Slots past the end read position -1: never visible, never stored.
-    pos_k = tl.load(pos_row + keys * stride_ps, mask=key_valid, other=-1)
+    # Positions are held as int32. Slots past the end read -1: never visible, never stored.
+    pos_k = tl.load(pos_row + keys * stride_ps, mask=key_valid, other=-1).to(tl.int32)
     # K is loaded transposed ([D, N]) so each score tile is a plain q @ k_t.
     k_t = tl.load(
         K + b * stride_kb + kv_head * stride_kh + keys[None, :] * stride_ks + dims[:, None] * stride_kd,
@@ -137,7 +141,7 @@ def _column_sums_kernel(
         token = rows // G
         q_head = kv_head * G + rows % G
         # Rows past the end read position -1 and lse -inf: they see nothing.
-        pos_q = tl.load(pos_row + (first_new_slot + token) * stride_ps, mask=row_valid, other=-1)
+        pos_q = tl.load(pos_row + (first_new_slot + token) * stride_ps, mask=row_valid, other=-1).to(tl.int32)
         lse = tl.load(lse_base + q_head * stride_lh + token * stride_lt, mask=row_valid, other=float("-inf"))
         q = tl.load(
             q_base + q_head[:, None] * stride_qh + token[:, None] * stride_qt + dims[None, :] * stride_qd,
@@ -149,14 +153,15 @@ def _column_sums_kernel(
         scores = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
         # A blind row (lse = -inf) gets +inf as its normaliser: exp2(s - inf) = 0,
         # never inf or NaN, before the mask even applies.
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-        # The masking rule, applied to every tile: positions are the only truth.
-        visible = (pos_k[None, :] >= 0) & (pos_k[None, :] <= pos_q[:, None])
-        if HAS_WINDOW:
-            visible = visible & ((pos_q[:, None] - pos_k[None, :]) < window)
-        # Masked before the exponent: a hidden pair may score far above lse.
-        probs = tl.exp2(tl.where(visible, scores - lse2[:, None], float("-inf")))
-        column_sums += tl.sum(probs, axis=0)
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2_E_JIT)
+        logits = scores - lse2[:, None]
+        # Positions are the only truth; a tile they prove fully visible skips the
+        # mask. Otherwise it applies before the exponent: a hidden pair may score
+        # far above lse.
+        pos_q_min = tl.min(tl.where(row_valid, pos_q, 2147483647), axis=0)
+        if not tile_fully_visible(pos_q_min, tl.max(pos_q, axis=0), pos_k, window, HAS_WINDOW):
+            logits = tl.where(visible_pairs(pos_q, pos_k, window, HAS_WINDOW), logits, float("-inf"))
+        column_sums += tl.sum(tl.exp2(logits), axis=0)
 
     # Every slot of the block is written, 0 where nothing looked at it.
     tl.store(OUT + pid_bh.to(tl.int64) * S + keys, column_sums, mask=key_valid)
@@ -198,7 +203,7 @@ def attention_column_sums(
         *q.stride(), *k.stride(), *pos.stride(), *lse.stride(),
         T, S, D, G, Hkv,
         scale * LOG2_E, window if window is not None else 0,
-        autotune_bucket(T * G), autotune_bucket(S),
+        autotune_bucket(T * G), autotune_bucket(S), autotune_bucket(B * Hkv),
     )
     constants = dict(
         BLOCK_D=max(16, triton.next_power_of_2(D)),

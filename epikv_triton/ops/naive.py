@@ -102,7 +102,7 @@ def slot_attention(
     Covers prefill (``S == T``), chunked prefill and decode (``T == 1``) with one
     rule (see :func:`visibility_mask`). Softmax in float32; the output is cast
     to ``q.dtype``. A query that sees no key gets a zero output and ``lse = -inf``.
-    ``num_splits`` only steers the Triton decode path; it is accepted and
+    ``num_splits`` only steers the Triton path's split-K; it is accepted and
     ignored here so both backends share one signature.
     """
     del num_splits

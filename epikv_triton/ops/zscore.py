@@ -23,7 +23,10 @@ nearly constant.
 Cost per token: about ``6 · NB · W`` flops on registers and ``8 · NB`` bytes of
 HBM traffic (one value in, a share of one score out); the state is read and
 written once per call. The kernel is latency-bound, so its only tuning knob
-is the warp count: fewer warps make the per-step reductions cheaper.
+is the warp count: fewer warps make the per-step reductions cheaper. The
+count is picked from the tile size (:func:`zscore_config`), never by timing:
+timing would run the kernel repeatedly on the caller's state, which it
+updates in place.
 """
 
 from __future__ import annotations
@@ -32,17 +35,26 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_support import autotune, launch_options
+from ._triton_support import launch_options
 
-# GPU tuning space. One ring tile is NB·W floats (128 for the default 2 bands of
-# 64): one warp already holds it in 4 registers per thread; more warps only pay
-# off for wide windows or many bands, where they spread the tile out.
+# The configs the heuristic picks from. One ring tile is NB·W floats (128 for
+# the default 2 bands of 64): one warp already holds it in 4 registers per
+# thread; more warps only pay off for wide windows or many bands, where they
+# spread the tile out.
 ZSCORE_CONFIGS = [
     triton.Config({}, num_warps=1, num_stages=1),
     triton.Config({}, num_warps=2, num_stages=1),
     triton.Config({}, num_warps=4, num_stages=1),
 ]
-ZSCORE_INTERPRET_CONFIG = triton.Config({}, num_warps=1, num_stages=1)
+# Ring elements per thread above which the tile is spread over more warps.
+ZSCORE_ELEMENTS_PER_THREAD = 32
+
+
+def zscore_config(block_nb: int, block_w: int) -> triton.Config:
+    """The config for a ``[block_nb, block_w]`` ring tile: the fewest warps holding it in a few registers."""
+    wanted_warps = triton.cdiv(block_nb * block_w, 32 * ZSCORE_ELEMENTS_PER_THREAD)
+    fitting = [config for config in ZSCORE_CONFIGS if config.num_warps <= wanted_warps]
+    return fitting[-1] if fitting else ZSCORE_CONFIGS[0]
 
 
 # ----------------------------------------------------------------------------
@@ -107,16 +119,6 @@ def _rolling_zscore_kernel(
     tl.store(count_ptr + seq * NB + bands, count, mask=band_ok)
 
 
-# Tuning reruns the kernel on the caller's tensors: ring and count are saved
-# and restored around every trial so the state advances exactly once.
-_rolling_zscore_autotuned = autotune(
-    ZSCORE_CONFIGS,
-    key=["NB", "W"],
-    interpret_config=ZSCORE_INTERPRET_CONFIG,
-    restore_value=["ring_ptr", "count_ptr"],
-)(_rolling_zscore_kernel)
-
-
 # ----------------------------------------------------------------------------
 # Launcher
 # ----------------------------------------------------------------------------
@@ -134,8 +136,8 @@ def rolling_zscore(
     """Rolling z-score update on the GPU (or Triton's interpreter); see the module docstring.
 
     Inputs are assumed validated by :func:`epikv_triton.ops.rolling_zscore`.
-    ``config`` launches that one config instead of autotuning (tests use it to
-    cover the whole GPU space).
+    ``config`` launches that config instead of :func:`zscore_config`'s choice
+    (tests use it to cover every config).
     """
     B, NB, T = values.shape
     W = ring.shape[2]
@@ -151,12 +153,9 @@ def rolling_zscore(
         float(eps),
     )
     blocks = dict(BLOCK_NB=triton.next_power_of_2(NB), BLOCK_W=triton.next_power_of_2(W))
-    grid = (B,)
-    if config is None:
-        _rolling_zscore_autotuned[grid](*args, **blocks)
-    else:
-        _rolling_zscore_kernel[grid](*args, **blocks, **launch_options(config))
+    chosen = config if config is not None else zscore_config(blocks["BLOCK_NB"], blocks["BLOCK_W"])
+    _rolling_zscore_kernel[(B,)](*args, **blocks, **launch_options(chosen))
     return score
 
 
-__all__ = ["ZSCORE_CONFIGS", "rolling_zscore"]
+__all__ = ["ZSCORE_CONFIGS", "rolling_zscore", "zscore_config"]

@@ -5,8 +5,10 @@ import sys
 
 import pytest
 import torch
+import triton
 
 from epikv_triton import ops
+from epikv_triton.ops import attention, compaction, h2o, zscore
 
 
 def attention_inputs(B=2, Hq=4, Hkv=2, T=3, S=7, D=16, dtype=torch.float32):
@@ -138,3 +140,31 @@ def test_importing_ops_loads_no_transformers():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "clean" in result.stdout
+
+
+@pytest.mark.parametrize("module", [attention, h2o, zscore, compaction], ids=lambda m: m.__name__.rsplit(".", 1)[-1])
+def test_autotuners_never_copy_caller_tensors(module):
+    """Tuning times configs on the caller's own arguments: it must save, zero or restore none of them.
+
+    ``restore_value``/``reset_to_zero`` make Triton clone (or overwrite) the named
+    arguments around every trial, and a custom pre-hook could do the same. The
+    in-place z-score and compaction kernels are not tuned at all: they pick their
+    config from the shape.
+    """
+    tuners = [value for value in vars(module).values() if isinstance(value, triton.runtime.Autotuner)]
+    for tuner in tuners:
+        assert tuner.restore_value == [] and tuner.reset_to_zero == [], f"{module.__name__} tuner copies arguments"
+        assert not tuner.user_defined_pre_hook and not tuner.user_defined_post_hook
+        assert all(config.pre_hook is None for config in tuner.configs)
+    if module in (zscore, compaction):
+        assert tuners == []
+    else:
+        assert tuners, f"{module.__name__} has no autotuner to inspect"
+
+
+def test_zscore_config_heuristic():
+    """One warp for the default 2 bands × 64; wider tiles spread over more warps, never beyond the space."""
+    assert zscore.zscore_config(2, 64).num_warps == 1
+    assert zscore.zscore_config(8, 256).num_warps == 2
+    assert zscore.zscore_config(64, 1024).num_warps == max(c.num_warps for c in zscore.ZSCORE_CONFIGS)
+    assert all(zscore.zscore_config(nb, w) in zscore.ZSCORE_CONFIGS for nb in (1, 4, 32) for w in (1, 64, 4096))

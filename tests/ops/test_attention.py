@@ -17,6 +17,8 @@ from epikv_triton.ops.attention import DECODE_CONFIGS, PREFILL_CONFIGS
 from tests.helpers import assert_close_rms, cache_positions, device, poisoning_runner, prefill_positions, randn
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Small key tiles: several per test, so per-tile decisions (splits, mask skip) vary.
+SMALL_TILES = next(c for c in PREFILL_CONFIGS if c.kwargs == {"BLOCK_M": 64, "BLOCK_N": 32})
 
 
 # --------------------------------------------------------------------------- #
@@ -221,10 +223,9 @@ def test_chunked_prefill_window_and_padding(poisoned_allocations, num_splits):
     S = C + T
     q, k, v = qkv(B, Hq, Hkv, T, S, D, torch.float16)
     pos = cache_positions(B, C, T, seen=60, holes=5, pad=(0, 20))
-    small_tiles = next(c for c in PREFILL_CONFIGS if c.kwargs == {"BLOCK_M": 64, "BLOCK_N": 32})
     check_against_twin(
         poisoned_allocations, q, k, v, pos, window=24, prev_k=k[:, :, 0], prev_v=v[:, :, 0], return_lse=True,
-        num_splits=num_splits, config=small_tiles,
+        num_splits=num_splits, config=SMALL_TILES,
     )
 
 
@@ -268,6 +269,54 @@ def test_split_with_nothing_visible_in_some_splits(poisoned_allocations):
     pos[:, 200:210] = torch.arange(10, dtype=torch.int32)
     pos[:, -1] = 10
     check_against_twin(poisoned_allocations, q, k, v, pos, num_splits=4, return_lse=True)
+
+
+@pytest.mark.parametrize("num_splits", [1, 5])
+def test_split_at_budget_plus_one(poisoned_allocations, num_splits):
+    """Decode over budget + 1 = 257 slots: with 5 splits of 64 keys the last holds a single key."""
+    torch.manual_seed(13)
+    B, Hq, Hkv, C, D = 2, 8, 2, 256, 64
+    S = C + 1
+    keys_per_split, launched = attention.split_plan(S, num_splits)
+    assert launched == num_splits and S - (launched - 1) * keys_per_split == (1 if num_splits > 1 else S)
+    q, k, v = qkv(B, Hq, Hkv, 1, S, D, torch.float16)
+    pos = cache_positions(B, C, 1, seen=300, holes=12, pad=(0, 40))
+    check_against_twin(poisoned_allocations, q, k, v, pos, num_splits=num_splits, return_lse=True)
+
+
+@pytest.mark.parametrize("config", [PREFILL_CONFIGS[0], SMALL_TILES], ids=lambda c: config_id(c))
+def test_split_chunk_above_decode_rows(poisoned_allocations, config):
+    """T·G = 24 rows (above the decode space) split three ways, as few row blocks get on a GPU."""
+    torch.manual_seed(14)
+    B, Hq, Hkv, C, T, D = 1, 8, 1, 150, 3, 64
+    S = C + T
+    assert not attention.uses_decode_space(T * Hq // Hkv)
+    q, k, v = qkv(B, Hq, Hkv, T, S, D, torch.bfloat16)
+    pos = cache_positions(B, C, T, seen=200, holes=9)
+    check_against_twin(
+        poisoned_allocations, q, k, v, pos, prev_k=k[:, :, 0], prev_v=v[:, :, 0], num_splits=3, return_lse=True,
+        config=config,
+    )
+
+
+@pytest.mark.parametrize("config", [None, SMALL_TILES], ids=["autotuned", "small-tiles"])
+@pytest.mark.parametrize("C, T, window", [(128, 20, None), (128, 20, 150), (128, 20, 40), (126, 2, None)])
+def test_fully_visible_tiles_skip_the_mask(poisoned_allocations, C, T, window, config):
+    """A hole-free cache older than every new token: whole key tiles are visible and unmasked.
+
+    Sequence 0's cache tiles are fully visible to its rows without a window and
+    with 150 (its newest query is 147, its oldest key 0); with 40 they are not,
+    and the mask must come back. With 2 new tokens the tile holding both has a
+    key one position past the first query: the proof must fail there. Sequence
+    1 has a padding query, so its tiles always keep the mask.
+    """
+    torch.manual_seed(15)
+    B, Hq, Hkv, D = 2, 4, 2, 32
+    S = C + T
+    q, k, v = qkv(B, Hq, Hkv, T, S, D, torch.float32)
+    pos = cache_positions(B, C, T, seen=C)  # the cache holds positions 0..C-1, shuffled
+    pos[1, -1] = -1
+    check_against_twin(poisoned_allocations, q, k, v, pos, window=window, return_lse=True, config=config)
 
 
 # --------------------------------------------------------------------------- #
@@ -357,6 +406,8 @@ def test_every_decode_config(poisoned_allocations, config, num_splits):
 
 
 def test_config_spaces_are_well_formed():
+    # A config tuned for a handful of programs must not serve a full GPU, nor one split for many.
+    assert {"PROGRAMS_BUCKET", "SPLITS_BUCKET"} <= set(attention.AUTOTUNE_KEY)
     decode_rows = attention.DECODE_MAX_ROWS
     for space, min_rows in ((PREFILL_CONFIGS, decode_rows + 1), (DECODE_CONFIGS, decode_rows)):
         assert 1 <= len(space) <= 8
@@ -373,17 +424,34 @@ def test_config_spaces_are_well_formed():
 # --------------------------------------------------------------------------- #
 
 
-def test_split_heuristic(monkeypatch):
-    monkeypatch.setattr(attention, "_multiprocessor_count", lambda index: 132)
-    gpu = torch.device("cuda", 0)
+def test_split_heuristic():
+    h100 = 132
     # Batch 1, 8 KV heads, 32k cache: 264 programs wanted -> 33 splits of ~1k keys.
-    assert attention.choose_num_splits(8, 4, 32768, gpu) == 33
-    # A short cache: each split keeps at least 256 keys.
-    assert attention.choose_num_splits(8, 4, 1000, gpu) == 3
+    assert attention.choose_num_splits(8, 4, 32768, h100) == 33
+    # A short cache: each split keeps at least MIN_KEYS_PER_SPLIT keys.
+    assert attention.choose_num_splits(8, 4, 1000, h100) == 1000 // attention.MIN_KEYS_PER_SPLIT
     # The batch already fills the GPU.
-    assert attention.choose_num_splits(64 * 8, 4, 32768, gpu) == 1
-    # Prefill rows never split; neither does the CPU.
-    assert attention.choose_num_splits(8, 512, 32768, gpu) == 1
-    assert attention.choose_num_splits(8, 4, 32768, torch.device("cpu")) == 1
+    assert attention.choose_num_splits(64 * 8, 4, 32768, h100) == 1
+    # Rows above the decode space split too when their row blocks leave SMs idle:
+    # a 16-token chunk at G = 8 is one row block per (batch, kv head).
+    assert attention.choose_num_splits(8, 16 * 8, 32768, h100) == 33
+    # ... but a long prefill fills the GPU with row blocks alone.
+    assert attention.choose_num_splits(8, 8192 * 4, 32768, h100) == 1
+    # No GPU, nothing to fill.
+    assert attention.choose_num_splits(8, 4, 32768, 0) == 1
     assert attention.uses_decode_space(16) and not attention.uses_decode_space(17)
 
+
+@pytest.mark.parametrize("budget", [64, 255, 256, 1000, 4096, 32768])
+@pytest.mark.parametrize("multiprocessors", [8, 132])
+def test_every_launched_split_has_keys_at_budget_plus_one(budget, multiprocessors):
+    """The steady state S = budget + 1: the launched splits cover the keys, none of them empty."""
+    S = budget + 1
+    for batch_kv_heads in (1, 8, 32):
+        for num_rows in (1, 4, 64, 512):
+            wanted = attention.choose_num_splits(batch_kv_heads, num_rows, S, multiprocessors)
+            keys_per_split, launched = attention.split_plan(S, wanted)
+            assert 1 <= launched <= wanted
+            assert keys_per_split % attention.SPLIT_GRANULE == 0
+            # Split i covers [i * keys_per_split, (i + 1) * keys_per_split) ∩ [0, S).
+            assert (launched - 1) * keys_per_split < S <= launched * keys_per_split

@@ -234,6 +234,27 @@ def test_window_skip_ends_exactly_at_the_last_seeing_token(poisoned_run):
         check_against_twin(poisoned_run, q, k, pos, window=window, config=config)
 
 
+@pytest.mark.parametrize(
+    "config",
+    [None, next(c for c in COLUMN_SUM_CONFIGS if c.kwargs == {"BLOCK_M": 64, "BLOCK_N": 64})],
+    ids=["autotuned", "small-tiles"],
+)
+@pytest.mark.parametrize("C, T, window", [(128, 20, None), (128, 20, 150), (128, 20, 40), (126, 2, None)])
+def test_fully_visible_tiles_skip_the_mask(poisoned_run, C, T, window, config):
+    """A hole-free cache older than every new token: whole tiles are visible and unmasked.
+
+    The same cases as attention's test: fully visible cache tiles without a
+    window and with 150, none with 40, a tile holding a key one position past
+    the first query with 2 new tokens, and a padding query in sequence 1.
+    """
+    torch.manual_seed(16)
+    B, Hq, Hkv, D = 2, 4, 2, 32
+    q, k = qk(B, Hq, Hkv, T, C + T, D, torch.float32)
+    pos = cache_positions(B, C, T, seen=C)
+    pos[1, -1] = -1
+    check_against_twin(poisoned_run, q, k, pos, window=window, config=config)
+
+
 def test_window_of_one_sees_only_itself(poisoned_run):
     """window = 1: each query sees only its own key, so every new slot gets exactly G."""
     torch.manual_seed(13)
@@ -391,7 +412,7 @@ def column_sum_inputs(B=2, Hq=4, Hkv=2, T=3, S=7, D=16):
         (lambda a: a.update(q=a["q"][0]), "q must have 4 dimensions"),
         (lambda a: a.update(k=a["k"].half()), "share one dtype"),
         (lambda a: a.update(k=a["k"][:, :, :, :8]), "k must have shape"),
-        (lambda a: a.update(q=torch.randn(2, 3, 3, 16)), "multiple of key heads"),
+        (lambda a: a.update(q=torch.randn(2, 3, 3, 16)), "multiple of key/value heads"),
         (lambda a: a.update(q=torch.randn(2, 4, 9, 16)), "last T key slots"),
         (lambda a: a.update(pos=a["pos"].float()), "pos must have dtype"),
         (lambda a: a.update(pos=a["pos"][:, :5]), "pos must have shape"),
