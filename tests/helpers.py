@@ -113,3 +113,22 @@ def shuffle_slots(pos, *planes, empty_slots=0):
         grown = torch.cat([plane, padding], dim=2)
         shuffled.append(grown.gather(2, order[:, None, :, None].expand(B, H, width, D)))
     return (*shuffled, order.argsort(dim=1)[:, :S])
+
+
+# (cache slots C, new tokens T, window, empty slots added) for the "new tokens in any slots" tests of the
+# attention-shaped kernels: prefill (C = 0) and chunks, with and without a window and empty slots.
+ANY_SLOT_CASES = [
+    (0, 100, None, 0),
+    (0, 100, 16, 30),
+    (60, 37, None, 25),
+    (60, 70, 24, 10),
+]
+
+
+def chunk_positions(C, T):
+    """Positions of two sequences for an :data:`ANY_SLOT_CASES` case, in the default layout: the new
+    tokens after ``C`` cache slots (shuffled, with holes), or a prefill when ``C = 0``; sequence 1 is
+    left-padded."""
+    if C:
+        return cache_positions(2, C, T, seen=80, holes=6, pad=(0, 20))
+    return prefill_positions(2, T, pad=(0, 9))

@@ -15,7 +15,8 @@ import torch
 from epikv_triton.ops import attention, naive
 from epikv_triton.ops.attention import DECODE_CONFIGS, PREFILL_CONFIGS
 from tests.helpers import (
-    assert_close_rms, cache_positions, device, poisoning_runner, prefill_positions, randn, shuffle_slots,
+    ANY_SLOT_CASES, assert_close_rms, cache_positions, chunk_positions, device, poisoning_runner,
+    prefill_positions, randn, shuffle_slots,
 )
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -360,25 +361,14 @@ def check_any_layout(run, q, k, v, pos, empty_slots, **kwargs):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(
-    "C, T, window, empty_slots",
-    [
-        (0, 70, None, 0),     # prefill: every slot a new token, in random slots
-        (0, 70, 16, 30),      # prefill with a window, empty slots mixed in
-        (60, 37, None, 25),   # chunk over a cache with holes
-        (60, 37, 24, 0),      # chunk, window shorter than the chunk
-    ],
-)
+@pytest.mark.parametrize("C, T, window, empty_slots", ANY_SLOT_CASES)
 def test_new_tokens_in_any_slots(poisoned_allocations, dtype, C, T, window, empty_slots):
     """Causal skip by position, masks and deltas (each token against its predecessor's slot) whatever the
     slots; sequence 1 is left-padded, so some queries are blind and some slots are padding."""
     torch.manual_seed(C + T + empty_slots)
-    B, Hq, Hkv, D = 2, 4, 2, 64
-    q, k, v = qkv(B, Hq, Hkv, T, C + T, D, dtype)
-    if C:
-        pos = cache_positions(B, C, T, seen=80, holes=6, pad=(0, 20))
-    else:
-        pos = prefill_positions(B, T, pad=(0, 9))
+    Hq, Hkv, D = 4, 2, 64
+    q, k, v = qkv(2, Hq, Hkv, T, C + T, D, dtype)
+    pos = chunk_positions(C, T)
     result, pos, query_slots = check_any_layout(
         poisoned_allocations, q, k, v, pos, empty_slots, window=window, prev_k=k[:, :, 0], prev_v=v[:, :, 0],
         return_lse=True, config=SMALL_TILES,

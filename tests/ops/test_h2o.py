@@ -17,7 +17,10 @@ import torch
 from epikv_triton import ops
 from epikv_triton.ops import h2o, naive
 from epikv_triton.ops.h2o import COLUMN_SUM_CONFIGS
-from tests.helpers import cache_positions, device, poisoning_runner, prefill_positions, randn, shuffle_slots
+from tests.helpers import (
+    ANY_SLOT_CASES, cache_positions, chunk_positions, device, poisoning_runner, prefill_positions, randn,
+    shuffle_slots,
+)
 
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -295,24 +298,13 @@ def check_any_layout(run, q, k, pos, empty_slots, **kwargs):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(
-    "C, T, window, empty_slots",
-    [
-        (0, 129, None, 0),    # prefill: every slot a new token, in random slots
-        (0, 100, 16, 40),     # prefill with a window, empty slots mixed in
-        (60, 37, None, 25),   # chunk over a cache with holes
-        (60, 70, 24, 10),     # chunk, window shorter than the chunk
-    ],
-)
+@pytest.mark.parametrize("C, T, window, empty_slots", ANY_SLOT_CASES)
 def test_new_tokens_in_any_slots(poisoned_run, dtype, C, T, window, empty_slots):
     """The row walk's bounds by position, whatever the slots; sequence 1 is left-padded."""
     torch.manual_seed(C + T + empty_slots)
-    B, Hq, Hkv, D = 2, 4, 2, 64
-    q, k = qk(B, Hq, Hkv, T, C + T, D, dtype)
-    if C:
-        pos = cache_positions(B, C, T, seen=80, holes=6, pad=(0, 20))
-    else:
-        pos = prefill_positions(B, T, pad=(0, 9))
+    Hq, Hkv, D = 4, 2, 64
+    q, k = qk(2, Hq, Hkv, T, C + T, D, dtype)
+    pos = chunk_positions(C, T)
     check_any_layout(poisoned_run, q, k, pos, empty_slots, window=window, config=config_with(64, 64))
 
 
