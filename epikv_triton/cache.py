@@ -5,8 +5,9 @@ so one :func:`ops.compact_slots_` call compacts all layers (as the
 ``[2L, B, Hkv, fill, D]`` view). Per slot: ``pos [B, capacity]`` int64 absolute
 position (``-1`` = empty or padding) and ``scores [B, capacity]`` float32.
 Slot order carries no meaning (visibility is by position): an eviction moves
-the kept slots above the new fill into the freed ones below it, and only the
-chunk being processed is known to sit in the last slots.
+the kept slots above the new fill into the freed ones below it. The ops are
+told which slots hold the chunk being processed (``query_slots``); no layer
+assumes where they are.
 
 A forward pass is one *chunk* of ``T`` new tokens per sequence:
 ``begin_chunk(positions)`` -> per layer ``write`` then ``attend`` (and
@@ -107,6 +108,7 @@ class SlotCache:
         self.prompt_prefix: torch.Tensor | None = None  # prompt_lengths on the device, for eviction
         self.chunk: ChunkInfo | None = None
         self.start = 0
+        self.query_slots: torch.Tensor | None = None  # [B, T] the chunk's slots, [start, start + T)
 
     # ----------------------------------------------------------------- chunks
     def next_positions(
@@ -162,6 +164,8 @@ class SlotCache:
             self._make_room(T)
             self._open_slots()
         self.start = self.fill
+        # The ops and scorers are told where the chunk's tokens are, not left to assume it.
+        self.query_slots = torch.arange(self.start, self.start + T, device=positions.device).expand(B, T)
         self.scorer.begin_chunk(self.chunk)
 
     def _fit_declared_prompts(self, batch: int) -> None:
@@ -199,7 +203,6 @@ class SlotCache:
 
         Visibility comes from the slot positions alone; returns ``[B, Hq, T, D]``.
         """
-        T = query.shape[2]
         pos = self.pos[:, : keys.shape[2]]
         has_previous = self.stream_length > 0
         result = ops.slot_attention(
@@ -207,6 +210,7 @@ class SlotCache:
             keys,
             values,
             pos,
+            query_slots=self.query_slots,
             scale=scale,
             window=window,
             prev_k=self.prev_kv[0, layer] if has_previous else None,
@@ -215,7 +219,7 @@ class SlotCache:
             return_lse=self.scorer.wants_probabilities,
             check_positions=False,
         )
-        view = AttentionView(query, keys, values, pos, T, scale, window, result)
+        view = AttentionView(query, keys, values, pos, self.query_slots, scale, window, result)
         increment = self.scorer.observe_attention(layer, view)
         if increment is not None:
             self.scores[:, : keys.shape[2]] += increment

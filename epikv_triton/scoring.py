@@ -52,19 +52,26 @@ class ChunkInfo:
 class AttentionView:
     """One layer's attention call, as the slot cache ran it.
 
-    ``keys``/``values`` ``[B, Hkv, S, D]`` are every slot of the layer, the new
-    tokens last; ``pos`` ``[B, S]`` their positions; ``result`` what
-    :func:`ops.slot_attention` returned (deltas and lse only when asked for).
+    ``keys``/``values`` ``[B, Hkv, S, D]`` are every slot of the layer, in no
+    particular order; ``pos`` ``[B, S]`` their positions; ``query_slots``
+    ``[B, T]`` int64 the slots of the chunk's new tokens (see
+    :func:`ops.slot_attention`); ``result`` what the attention call returned
+    (deltas and lse only when asked for).
     """
 
     query: torch.Tensor
     keys: torch.Tensor
     values: torch.Tensor
     pos: torch.Tensor
-    num_new: int
+    query_slots: torch.Tensor
     scale: float | None
     window: int | None
     result: ops.AttentionResult
+
+    def new_tokens(self, x: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """``x`` (``keys`` or ``values``) at the slots of new tokens ``start:end``: ``[B, Hkv, end - start, D]``
+        (a copy)."""
+        return ops.naive.gather_slots(x, self.query_slots[:, start:end])
 
 
 class Scorer:
@@ -203,15 +210,14 @@ class LagKVScorer(Scorer):
         self.total = torch.zeros(chunk.positions.shape, dtype=torch.float32, device=chunk.positions.device)
 
     def observe_attention(self, layer: int, view: AttentionView) -> None:
-        T = view.num_new
-        keys, values = view.keys[:, :, -T:], view.values[:, :, -T:]
-        two, (B, H, _, D) = 2, keys.shape
+        T = view.query_slots.shape[1]
+        two, (B, H, _, D), device = 2, view.keys.shape, view.keys.device
         if self.acc_chunk[layer] is None:
-            self._init_state(layer, (two, B, H, D), keys.device)
+            self._init_state(layer, (two, B, H, D), device)
         # Segment 0 continues the lag chunk in progress when it is the same one; its reference is then the
         # stored one, else the chunk just finished.
         continues = (self.acc_chunk[layer] == self.first)[None, :, None, None]
-        seg_min = torch.full((two, B, H, self.segments + 1, D), float("inf"), device=keys.device)
+        seg_min = torch.full((two, B, H, self.segments + 1, D), float("inf"), device=device)
         seg_max = torch.full_like(seg_min, float("-inf"))
         seg_min[:, :, :, 0] = torch.where(continues, self.acc_min[layer], float("inf"))
         seg_max[:, :, :, 0] = torch.where(continues, self.acc_max[layer], float("-inf"))
@@ -222,7 +228,8 @@ class LagKVScorer(Scorer):
         step = max(1, TEMPORARY_SLICE_ELEMENTS // (two * B * H * D))
         for start in range(0, T, step):
             end = min(start + step, T)
-            kv = torch.stack([keys[:, :, start:end], values[:, :, start:end]]).float()  # [2, B, H, t, D]
+            new_keys, new_values = view.new_tokens(view.keys, start, end), view.new_tokens(view.values, start, end)
+            kv = torch.stack([new_keys, new_values]).float()  # [2, B, H, t, D]
             index = self.offset[None, :, None, start:end, None].expand_as(kv)
             seg_min.scatter_reduce_(3, index, kv, "amin")
             seg_max.scatter_reduce_(3, index, kv, "amax")
@@ -276,8 +283,8 @@ class KeyNormScorer(Scorer):
         self.total = torch.zeros(chunk.positions.shape, dtype=torch.float32, device=chunk.positions.device)
 
     def observe_attention(self, layer: int, view: AttentionView) -> None:
-        keys = view.keys[:, :, -view.num_new :].float()
-        self.total -= torch.linalg.vector_norm(keys, dim=-1).mean(dim=1) / self.num_layers
+        norms = torch.linalg.vector_norm(view.new_tokens(view.keys), dim=-1, dtype=torch.float32)
+        self.total -= norms.mean(dim=1) / self.num_layers
         return None
 
     def finish_chunk(self) -> torch.Tensor:
@@ -323,7 +330,7 @@ class AttentionMassScorer(Scorer):
     def observe_attention(self, layer: int, view: AttentionView) -> torch.Tensor:
         column_sums = ops.attention_column_sums(
             view.query, view.keys, view.pos, view.result.lse,
-            scale=view.scale, window=view.window, check_positions=False,
+            query_slots=view.query_slots, scale=view.scale, window=view.window, check_positions=False,
         )
         return column_sums.sum(dim=1) / (view.query.shape[1] * self.num_layers)
 

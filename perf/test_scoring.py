@@ -65,7 +65,7 @@ def chunk_signals(T: int):
     deltas = torch.rand(2, 1, KV_HEADS, T, generator=g, device=DEV)
     lse = torch.rand(1, Q_HEADS, T, generator=g, device=DEV) + 8.0
     result = AttentionResult(None, deltas[0], deltas[1], lse)
-    view = AttentionView(query, keys, values, positions, T, None, None, result)
+    view = AttentionView(query, keys, values, positions, torch.arange(T, device=DEV)[None], None, None, result)
     return chunk, hidden, view
 
 

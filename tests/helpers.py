@@ -89,3 +89,46 @@ def cache_positions(B, cache_slots, T, seen, holes=0, pad=()):
         cache = cache[torch.randperm(cache_slots - p)]
         rows.append(torch.cat([torch.full((p,), -1), cache, torch.arange(seen, seen + T)]))
     return torch.stack(rows).to(device())
+
+
+def shuffle_slots(pos, *planes, empty_slots=0):
+    """The same keys in another slot layout, with the new tokens' slots made explicit.
+
+    ``pos [B, S]`` and ``planes`` (``k``, ``v`` ``[B, H, S, D]``) in the default
+    layout, the ``T`` new tokens in the last slots. Each sequence gets
+    ``empty_slots`` more slots (position -1, random K/V) and a random slot
+    order, so the new tokens land anywhere, in any order, among cache slots
+    and empty ones. Returns ``(pos, *planes, slot_of)``: ``slot_of [B, S]``
+    int64 is where slot ``j`` went, so ``slot_of[:, S - T:]`` are the new
+    tokens' ``query_slots``.
+    """
+    B, S = pos.shape
+    width = S + empty_slots
+    pos = torch.cat([pos, torch.full((B, empty_slots), -1, dtype=pos.dtype, device=pos.device)], dim=1)
+    order = torch.stack([torch.randperm(width) for _ in range(B)]).to(pos.device)
+    shuffled = [pos.gather(1, order)]
+    for plane in planes:
+        H, D = plane.shape[1], plane.shape[3]
+        padding = torch.randn(B, H, empty_slots, D, device=plane.device).to(plane.dtype)
+        grown = torch.cat([plane, padding], dim=2)
+        shuffled.append(grown.gather(2, order[:, None, :, None].expand(B, H, width, D)))
+    return (*shuffled, order.argsort(dim=1)[:, :S])
+
+
+# (cache slots C, new tokens T, window, empty slots added) for the "new tokens in any slots" tests of the
+# attention-shaped kernels: prefill (C = 0) and chunks, with and without a window and empty slots.
+ANY_SLOT_CASES = [
+    (0, 100, None, 0),
+    (0, 100, 16, 30),
+    (60, 37, None, 25),
+    (60, 70, 24, 10),
+]
+
+
+def chunk_positions(C, T):
+    """Positions of two sequences for an :data:`ANY_SLOT_CASES` case, in the default layout: the new
+    tokens after ``C`` cache slots (shuffled, with holes), or a prefill when ``C = 0``; sequence 1 is
+    left-padded."""
+    if C:
+        return cache_positions(2, C, T, seen=80, holes=6, pad=(0, 20))
+    return prefill_positions(2, T, pad=(0, 9))

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from epikv_triton import scoring
-from epikv_triton.scoring import AttentionView, BandScorer, ChunkInfo, LagKVScorer
+from epikv_triton.scoring import AttentionView, BandScorer, ChunkInfo, KeyNormScorer, LagKVScorer
+from tests.helpers import shuffle_slots
 
 LAG_CHUNK = 8
 CHUNK_SIZES = (37, 5, 1, 1, 19, 3, 8)
@@ -74,14 +75,33 @@ def test_lag_kv_matches_the_per_token_definition(monkeypatch, slice_elements):
         T = chunk.positions.shape[1]
         scorer.begin_chunk(chunk)
         for layer in range(LAYERS):
-            k, v = keys[layer][:, :, start : start + T], values[layer][:, :, start : start + T]
-            scorer.observe_attention(layer, AttentionView(None, k, v, chunk.positions, T, None, None, None))
+            # Every slot so far, shuffled: the scorer must find the chunk's tokens by their query slots.
+            seen = keys[layer][:, :, : start + T], values[layer][:, :, : start + T]
+            pos, k, v, slot_of = shuffle_slots(torch.arange(start + T).repeat(len(PADDING), 1), *seen)
+            view = AttentionView(None, k, v, pos, slot_of[:, start:], None, None, None)
+            scorer.observe_attention(layer, view)
         got.append(scorer.finish_chunk())
         start += T
     got = torch.cat(got, dim=1)
     for b, expected in enumerate(reference_lag_kv(keys, values, PADDING)):
         torch.testing.assert_close(got[b, PADDING[b] :].double(), expected, rtol=1e-5, atol=1e-5)
         assert bool((got[b, : PADDING[b]] == 0).all()), "padding must score 0"
+
+
+def test_key_norm_reads_the_new_tokens_by_slot():
+    """knorm scores minus the mean key norm of each new token, found at its query slot among shuffled slots."""
+    g = torch.Generator().manual_seed(1)
+    B, C, T = 2, 9, 4
+    keys = torch.randn(B, HEADS, C + T, HEAD_DIM, generator=g)
+    positions = torch.arange(C, C + T).repeat(B, 1)
+    valid = torch.ones(B, T, dtype=torch.bool)
+    pos, shuffled, slot_of = shuffle_slots(torch.arange(C + T).repeat(B, 1), keys, empty_slots=3)
+    scorer = KeyNormScorer(LAYERS)
+    scorer.begin_chunk(ChunkInfo(positions, valid, valid))
+    for layer in range(LAYERS):
+        scorer.observe_attention(layer, AttentionView(None, shuffled, shuffled, pos, slot_of[:, C:], None, None, None))
+    expected = -keys[:, :, C:].norm(dim=-1).mean(dim=1)
+    torch.testing.assert_close(scorer.finish_chunk(), expected)
 
 
 @pytest.mark.parametrize("slice_elements", [scoring.TEMPORARY_SLICE_ELEMENTS, 2 * 2 * HIDDEN + 1])

@@ -53,6 +53,7 @@ def slot_attention(
     v: torch.Tensor,
     pos: torch.Tensor,
     *,
+    query_slots: torch.Tensor | None = None,
     scale: float | None = None,
     window: int | None = None,
     prev_k: torch.Tensor | None = None,
@@ -62,23 +63,28 @@ def slot_attention(
     num_splits: int | None = None,
     check_positions: bool = True,
 ) -> AttentionResult:
-    """Attention of the last ``T`` tokens over ``S`` key slots, with delta norms.
+    """Attention of ``T`` new tokens over ``S`` key slots, with delta norms.
 
     ``q [B, Hq, T, D]``, ``k``/``v [B, Hkv, S, D]`` (fp16, bf16 or fp32, one
-    dtype; the last ``T`` slots are the new tokens), ``pos [B, S]`` int32/int64
-    (``-1`` = empty or padding). Key ``j`` is visible to query ``i`` iff
-    ``pos[j] >= 0 and pos[j] <= pos_q[i]`` (and ``pos_q[i] - pos[j] < window``).
+    dtype), ``pos [B, S]`` int32/int64 (``-1`` = empty or padding; slot order
+    carries no meaning). ``query_slots [B, T]`` int32/int64: the slot holding
+    new token ``t``'s own key/value, each in ``[0, S)``, any slots in any order
+    (``None``: the last ``T`` slots, in order); token ``t``'s position is
+    ``pos_q[t] = pos[query_slots[t]]``, and the real ones must strictly
+    increase. Key ``j`` is visible to query ``i`` iff ``pos[j] >= 0 and
+    pos[j] <= pos_q[i]`` (and ``pos_q[i] - pos[j] < window``).
     ``prev_k``/``prev_v [B, Hkv, D]``: the key/value of the token before the
-    first new one (its delta is NaN without them). ``num_splits`` caps how many
-    contiguous key splits run in parallel (split-K: each launched split gets
-    keys, so fewer may run); ``None`` picks it from the shape and the GPU.
-    ``check_positions`` validates positions on the host (one sync); engines
-    that build positions themselves pass ``False``.
+    first new one (its delta is NaN without them); token ``t > 0`` is compared
+    with the key/value in token ``t - 1``'s query slot. ``num_splits`` caps how
+    many contiguous key splits run in parallel (split-K: each launched split
+    gets keys, so fewer may run); ``None`` picks it from the shape and the GPU.
+    ``check_positions`` validates positions and query slots on the host (host
+    syncs); engines that build them themselves pass ``False``.
     Returns :class:`AttentionResult` ``(out, dk, dv, lse)``.
     """
-    check_attention(q, k, v, pos, window, prev_k, prev_v, num_splits, check_positions)
+    check_attention(q, k, v, pos, query_slots, window, prev_k, prev_v, num_splits, check_positions)
     kwargs = dict(
-        scale=scale, window=window, prev_k=prev_k, prev_v=prev_v,
+        query_slots=query_slots, scale=scale, window=window, prev_k=prev_k, prev_v=prev_v,
         with_deltas=with_deltas, return_lse=return_lse, num_splits=num_splits,
     )
     if backend_for(q) == "triton" and q.shape[-1] <= MAX_TRITON_HEAD_DIM:
@@ -94,25 +100,27 @@ def attention_column_sums(
     pos: torch.Tensor,
     lse: torch.Tensor,
     *,
+    query_slots: torch.Tensor | None = None,
     scale: float | None = None,
     window: int | None = None,
     check_positions: bool = True,
 ) -> torch.Tensor:
     """H2O scores: attention probability per key slot, summed over queries and group heads.
 
-    ``q [B, Hq, T, D]``, ``k [B, Hkv, S, D]`` (one float dtype; the last ``T``
-    slots are the new tokens), ``pos [B, S]`` and ``window`` exactly as passed to
+    ``q [B, Hq, T, D]``, ``k [B, Hkv, S, D]`` (one float dtype), ``pos [B, S]``,
+    ``query_slots [B, T]`` and ``window`` exactly as passed to
     :func:`slot_attention`, and ``lse [B, Hq, T]`` float32 from that call
     (``return_lse=True``). Returns ``[B, Hkv, S]`` float32; see
     :func:`.naive.attention_column_sums`. The Triton path never materialises
     the attention matrix. ``check_positions`` as for :func:`slot_attention`.
     """
-    check_column_sums(q, k, pos, lse, window, check_positions)
+    check_column_sums(q, k, pos, lse, query_slots, window, check_positions)
+    kwargs = dict(query_slots=query_slots, scale=scale, window=window)
     if backend_for(q) == "triton" and q.shape[-1] <= MAX_TRITON_HEAD_DIM:
         from .h2o import attention_column_sums as triton_column_sums
 
-        return triton_column_sums(q, k, pos, lse, scale=scale, window=window)
-    return naive.attention_column_sums(q, k, pos, lse, scale=scale, window=window)
+        return triton_column_sums(q, k, pos, lse, **kwargs)
+    return naive.attention_column_sums(q, k, pos, lse, **kwargs)
 
 
 def rolling_zscore(

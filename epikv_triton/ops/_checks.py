@@ -37,20 +37,28 @@ def require_same_device(**tensors: torch.Tensor | None) -> torch.device:
 
 
 def check_queries_over_slots(
-    q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, window: int | None, **companions: torch.Tensor | None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    pos: torch.Tensor,
+    query_slots: torch.Tensor | None,
+    window: int | None,
+    **companions: torch.Tensor | None,
 ) -> tuple[int, int, int, int, int, int]:
     """What every attention-shaped op requires; returns ``(B, Hq, Hkv, T, S, D)``.
 
     ``q [B, Hq, T, D]`` and ``k [B, Hkv, S, D]`` of one float dtype with
-    ``Hq`` a multiple of ``Hkv`` and ``S >= T >= 1``, ``pos [B, S]`` int32/int64,
-    ``window`` None or a positive int; ``companions`` (the op's other tensors,
-    None when absent) share the device. Positions are not read here (see
-    :func:`check_query_positions`).
+    ``Hq`` a multiple of ``Hkv`` and ``T >= 1``, ``pos [B, S]`` int32/int64,
+    ``query_slots`` None (then ``S >= T``: the last ``T`` slots) or ``[B, T]``
+    int32/int64, ``window`` None or a positive int; ``companions`` (the op's
+    other tensors, None when absent) share the device. Positions and slots are
+    not read here (see :func:`check_query_positions`).
     """
     require_tensor("q", q, 4, FLOAT_DTYPES)
     require_tensor("k", k, 4, FLOAT_DTYPES)
     require_tensor("pos", pos, 2, INT_DTYPES)
-    require_same_device(q=q, k=k, pos=pos, **companions)
+    if query_slots is not None:
+        require_tensor("query_slots", query_slots, 2, INT_DTYPES)
+    require_same_device(q=q, k=k, pos=pos, query_slots=query_slots, **companions)
     if q.dtype != k.dtype:
         raise ValueError(f"q and k must share one dtype; got {q.dtype} and {k.dtype}")
     B, Hq, T, D = q.shape
@@ -63,11 +71,16 @@ def check_queries_over_slots(
         raise ValueError(
             f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv}) for grouped-query attention"
         )
-    if S < T:
-        raise ValueError(f"k has {S} slots but q has {T} tokens: the last T key slots must hold the new tokens' keys")
     if T == 0:
         raise ValueError("q has no tokens (T = 0)")
+    if query_slots is None and S < T:
+        raise ValueError(
+            f"k has {S} slots but q has {T} tokens: without query_slots the last T key slots must hold the new "
+            "tokens' keys"
+        )
     require_shape("pos", pos, (B, S), "[B, S]")
+    if query_slots is not None:
+        require_shape("query_slots", query_slots, (B, T), "[B, T] (one key slot per query token)")
     if window is not None and (not isinstance(window, int) or window < 1):
         raise ValueError(f"window must be a positive int or None, got {window!r}")
     return B, Hq, Hkv, T, S, D
@@ -78,6 +91,7 @@ def check_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     pos: torch.Tensor,
+    query_slots: torch.Tensor | None,
     window: int | None,
     prev_k: torch.Tensor | None,
     prev_v: torch.Tensor | None,
@@ -85,7 +99,9 @@ def check_attention(
     check_positions: bool,
 ) -> None:
     require_tensor("v", v, 4, FLOAT_DTYPES)
-    B, _, Hkv, T, S, D = check_queries_over_slots(q, k, pos, window, v=v, prev_k=prev_k, prev_v=prev_v)
+    B, _, Hkv, T, S, D = check_queries_over_slots(
+        q, k, pos, query_slots, window, v=v, prev_k=prev_k, prev_v=prev_v
+    )
     if v.dtype != q.dtype:
         raise ValueError(f"q, k and v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     require_shape("v", v, (B, Hkv, S, D), "[B, Hkv, S, D] like k")
@@ -96,28 +112,35 @@ def check_attention(
     if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
     if check_positions:
-        check_query_positions(pos, T)
+        check_query_positions(pos, query_slots, T)
 
 
-def check_query_positions(pos: torch.Tensor, num_queries: int) -> None:
-    """Positions are ``-1`` or non-negative, and the new tokens' real positions strictly increase.
+def check_query_positions(pos: torch.Tensor, query_slots: torch.Tensor | None, num_queries: int) -> None:
+    """Positions are ``-1`` or non-negative, query slots lie in ``[0, S)``, and the new tokens' real
+    positions (``pos`` at their query slots) strictly increase.
 
-    Reads device data (one host sync); callers that build positions themselves
-    pass ``check_positions=False``.
+    Reads device data (host syncs); callers that build positions and slots
+    themselves pass ``check_positions=False``.
     """
     if bool((pos < -1).any()):
         raise ValueError("pos must be -1 (empty/padding slot) or a non-negative absolute position")
+    S = pos.shape[1]
+    if query_slots is None:
+        new = pos[:, S - num_queries :]
+    else:
+        if bool(((query_slots < 0) | (query_slots >= S)).any()):
+            raise ValueError(f"query_slots must index the key slots: every entry in [0, S={S})")
+        new = pos.gather(1, query_slots.long())
     if num_queries < 2:
         return
-    new = pos[:, pos.shape[1] - num_queries :]
     real = new >= 0
     # Running maximum of the real positions seen so far (-1 before the first).
     running = torch.cummax(torch.where(real, new, torch.full_like(new, -1)), dim=1).values
     out_of_order = real[:, 1:] & (new[:, 1:] <= running[:, :-1])
     if bool(out_of_order.any()):
         raise ValueError(
-            "positions out of order: the new tokens' positions (the last T entries of pos) must strictly "
-            "increase within each sequence, with -1 only for padding"
+            "positions out of order: the new tokens' positions (pos at query_slots, by default its last T "
+            "entries) must strictly increase within each sequence, with -1 only for padding"
         )
 
 
@@ -200,12 +223,14 @@ def check_column_sums(
     k: torch.Tensor,
     pos: torch.Tensor,
     lse: torch.Tensor,
+    query_slots: torch.Tensor | None,
     window: int | None,
     check_positions: bool,
 ) -> None:
-    """Inputs of ``attention_column_sums``: ``q``/``k``/``pos`` as for attention, ``lse [B, Hq, T]`` float32."""
+    """Inputs of ``attention_column_sums``: ``q``/``k``/``pos``/``query_slots`` as for attention,
+    ``lse [B, Hq, T]`` float32."""
     require_tensor("lse", lse, 3, (torch.float32,))
-    B, Hq, _, T, _, _ = check_queries_over_slots(q, k, pos, window, lse=lse)
+    B, Hq, _, T, _, _ = check_queries_over_slots(q, k, pos, query_slots, window, lse=lse)
     require_shape("lse", lse, (B, Hq, T), "[B, Hq, T] like q (slot_attention's lse)")
     if check_positions:
-        check_query_positions(pos, T)
+        check_query_positions(pos, query_slots, T)

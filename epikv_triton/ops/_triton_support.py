@@ -95,3 +95,23 @@ def tile_fully_visible(pos_q_min, pos_q_max, pos_k, window, HAS_WINDOW: tl.const
     if HAS_WINDOW:
         visible = visible & (pos_q_max - key_min < window)
     return visible
+
+
+@triton.jit
+def visible_slot_range(pos_row, stride_ps, lo, hi, oldest, latest, SCAN_BLOCK: tl.constexpr):
+    """``(first, end)``: the slots of ``[lo, hi)`` holding a position in ``[oldest, latest]`` all lie in
+    ``[first, end)``; ``first >= end`` when none does.
+
+    ``oldest >= 0`` (empty slots, ``-1``, never count). Reads only positions,
+    ``SCAN_BLOCK`` slots at a time: the causal skip of a tile loop, by position,
+    whatever the slot order.
+    """
+    first = hi
+    last = lo - 1
+    for start in range(lo, hi, SCAN_BLOCK):
+        slots = start + tl.arange(0, SCAN_BLOCK)
+        pos = tl.load(pos_row + slots * stride_ps, mask=slots < hi, other=-1).to(tl.int32)
+        seen = (pos >= oldest) & (pos <= latest)
+        first = tl.minimum(first, tl.min(tl.where(seen, slots, hi), axis=0))
+        last = tl.maximum(last, tl.max(tl.where(seen, slots, lo - 1), axis=0))
+    return first, last + 1

@@ -6,9 +6,12 @@ the semantics are exactly those of :func:`epikv_triton.ops.naive.slot_attention`
 Layouts and dtypes (any strides for the inputs; nothing big is copied):
 
 * ``q``: ``[B, Hq, T, D]``; ``k``, ``v``: ``[B, Hkv, S, D]``; one dtype among
-  fp16, bf16, fp32; ``Hq = G * Hkv``. The last ``T`` key slots are the new tokens.
-* ``pos``: ``[B, S]`` int32 or int64, ``-1`` = empty/padding slot; query ``i`` has
-  position ``pos[:, S - T + i]``.
+  fp16, bf16, fp32; ``Hq = G * Hkv``.
+* ``pos``: ``[B, S]`` int32 or int64, ``-1`` = empty/padding slot; slot order
+  carries no meaning.
+* ``query_slots``: ``[B, T]`` int32 or int64, the slot of new token ``t``'s own
+  key/value (each in ``[0, S)``, not checked here); query ``t`` has position
+  ``pos[:, query_slots[:, t]]``. ``None``: the last ``T`` slots.
 * ``prev_k``, ``prev_v``: optional ``[B, Hkv, D]`` (any float dtype), the key and
   value of the token before the first new one.
 * Returns ``out [B, Hq, T, D]`` in ``q.dtype`` (fresh, contiguous),
@@ -30,8 +33,19 @@ How the work is cut:
 * The mask costs a compare-and-select per score; a key tile whose positions
   prove every pair visible (two reductions per tile, see
   :func:`~epikv_triton.ops._triton_support.tile_fully_visible`) skips it.
-* Delta norms are emitted by the split-0 program of each row block, for the
-  tokens whose first row ``t * G`` lies in that block (each token exactly once).
+* Causal skip, by position (slot order means nothing): outside the decode
+  space a program first scans its split's positions (int loads only, in
+  ``SCAN_BLOCK``-slot strips: 8 bytes a slot against 512 of bf16 K/V at
+  D = 128, mostly L2 hits as every row block reads the same ones) for the
+  first and last slot holding a position some row of its block can see, and
+  runs the K/V loop over those tiles only. With the new tokens last and in
+  order this is the classic causal bound, so a square prefill still does half
+  the work; any other layout gets the bound its positions allow. Decode
+  (at most 16 rows: one or a few tokens, nothing later to skip) does no scan.
+* Delta norms are emitted by the split-0 program of each row block, before its
+  K/V loop, for the tokens whose first row ``t * G`` lies in that block (each
+  token exactly once): token ``t`` reads its query slot and token ``t - 1``'s
+  (``prev`` for ``t = 0``).
 """
 
 from __future__ import annotations
@@ -43,8 +57,9 @@ import triton
 import triton.language as tl
 
 from ._triton_support import INTERPRET, LN_2_JIT, LOG2_E
-from ._triton_support import autotune, autotune_bucket, dot_precision, launch_options, tile_fully_visible, visible_pairs
-from .naive import AttentionResult
+from ._triton_support import autotune, autotune_bucket, dot_precision, launch_options, tile_fully_visible
+from ._triton_support import visible_pairs, visible_slot_range
+from .naive import AttentionResult, resolve_query_slots
 
 
 # --------------------------------------------------------------------------- #
@@ -96,6 +111,9 @@ PROGRAMS_PER_SM = 2
 MIN_KEYS_PER_SPLIT = 256
 SPLIT_GRANULE = 64
 MAX_SPLITS = 128
+# Positions per strip of the causal-skip scan: few strips (each a dependent
+# load's latency) for long caches, a handful of registers per thread.
+SCAN_BLOCK = 1024
 # Rows merged per program by the split combine kernel.
 COMBINE_ROWS = 16 if INTERPRET else 4
 
@@ -114,11 +132,12 @@ AUTOTUNE_KEY = [
 
 @triton.jit
 def _attention_fwd_kernel(
-    Q, K, V, POS, OUT, LSE, DK, DV, PREV_K, PREV_V,
+    Q, K, V, POS, QUERY_SLOTS, OUT, LSE, DK, DV, PREV_K, PREV_V,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_pb, stride_ps,
+    stride_sb, stride_st,
     stride_ob, stride_oh, stride_ot, stride_od, stride_osplit,
     stride_lb, stride_lh, stride_lt, stride_lsplit,
     stride_pkb, stride_pkh, stride_pkd,
@@ -129,6 +148,7 @@ def _attention_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_WINDOW: tl.constexpr, WRITE_LSE: tl.constexpr,
     WITH_DELTAS: tl.constexpr, HAS_PREV_K: tl.constexpr, HAS_PREV_V: tl.constexpr,
+    SKIP_BY_POSITION: tl.constexpr, SCAN_BLOCK: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -148,26 +168,57 @@ def _attention_fwd_kernel(
     row_dim_mask = row_valid[:, None] & dim_valid[None, :]
 
     pos_row = POS + b * stride_pb
-    # Positions are held as int32 (half the registers of int64). Rows past the
-    # end read -1: they see nothing and are never stored.
-    pos_q = tl.load(pos_row + (S - T + token) * stride_ps, mask=row_valid, other=-1).to(tl.int32)
+    slot_row = QUERY_SLOTS + b * stride_sb
+    # A query's position is its own slot's. Slots and positions are held as
+    # int32 (half the registers of int64; S < 2**31). Rows past the end read
+    # -1: they see nothing and are never stored.
+    query_slot = tl.load(slot_row + token * stride_st, mask=row_valid, other=0).to(tl.int32)
+    pos_q = tl.load(pos_row + query_slot * stride_ps, mask=row_valid, other=-1).to(tl.int32)
+    k_base = K + b * stride_kb + kv_head * stride_kh
+    v_base = V + b * stride_vb + kv_head * stride_vh
+
+    if WITH_DELTAS:
+        if split == 0:
+            # Row t * G (head 0 of the group) carries token t's delta norms. They
+            # need nothing from the softmax: done first, none of their values
+            # stays live across the K/V loop.
+            owner = row_valid & (rows % G == 0)
+            has_before = token > 0
+            before_slot = tl.load(slot_row + (token - 1) * stride_st, mask=owner & has_before, other=0).to(tl.int32)
+            _store_delta_norms(
+                k_base, stride_ks, stride_kd, PREV_K + b * stride_pkb + kv_head * stride_pkh, stride_pkd,
+                DK + (b * Hkv + kv_head) * T + token, query_slot, before_slot, has_before, owner, dims, dim_valid,
+                HAS_PREV_K,
+            )
+            _store_delta_norms(
+                v_base, stride_vs, stride_vd, PREV_V + b * stride_pvb + kv_head * stride_pvh, stride_pvd,
+                DV + (b * Hkv + kv_head) * T + token, query_slot, before_slot, has_before, owner, dims, dim_valid,
+                HAS_PREV_V,
+            )
+
     # Bounds over the stored rows, for the per-tile "no mask needed" proof.
     pos_q_min = tl.min(tl.where(row_valid, pos_q, 2147483647), axis=0)
     pos_q_max = tl.max(pos_q, axis=0)
+
+    key_lo = split * keys_per_split
+    key_hi = tl.minimum(key_lo + keys_per_split, S)
+    if SKIP_BY_POSITION:
+        # Real rows see positions in [earliest - window + 1, latest]; the scan
+        # bounds the slots holding any, aligned to this split's key tiles.
+        latest = pos_q_max
+        if HAS_WINDOW:
+            earliest = tl.min(tl.where(pos_q >= 0, pos_q, 2147483647), axis=0)
+            oldest_seen = tl.maximum(earliest - window + 1, 0)
+        else:
+            oldest_seen = 0
+        first, end = visible_slot_range(pos_row, stride_ps, key_lo, key_hi, oldest_seen, latest, SCAN_BLOCK)
+        key_hi = end
+        key_lo = key_lo + (first - key_lo) // BLOCK_N * BLOCK_N
 
     q_ptrs = Q + b * stride_qb + q_head[:, None] * stride_qh + token[:, None] * stride_qt + dims[None, :] * stride_qd
     q = tl.load(q_ptrs, mask=row_dim_mask, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
-
-    # Keys after the block's last token are later new tokens: never visible.
-    last_token = tl.minimum(pid_m * BLOCK_M + BLOCK_M - 1, num_rows - 1) // G
-    causal_end = S - T + last_token + 1
-    key_lo = split * keys_per_split
-    key_hi = tl.minimum(key_lo + keys_per_split, causal_end)
-
-    k_base = K + b * stride_kb + kv_head * stride_kh
-    v_base = V + b * stride_vb + kv_head * stride_vh
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -218,32 +269,17 @@ def _attention_fwd_kernel(
         lse_ptrs = LSE + split * stride_lsplit + b * stride_lb + q_head * stride_lh + token * stride_lt
         tl.store(lse_ptrs, lse, mask=row_valid)
 
-    if WITH_DELTAS:
-        if split == 0:
-            # Row t * G (head 0 of the group) carries token t's delta norms.
-            owner = row_valid & (rows % G == 0)
-            slot = S - T + token
-            _store_delta_norms(
-                k_base, stride_ks, stride_kd, PREV_K + b * stride_pkb + kv_head * stride_pkh, stride_pkd,
-                DK + (b * Hkv + kv_head) * T + token, slot, token, owner, dims, dim_valid, HAS_PREV_K,
-            )
-            _store_delta_norms(
-                v_base, stride_vs, stride_vd, PREV_V + b * stride_pvb + kv_head * stride_pvh, stride_pvd,
-                DV + (b * Hkv + kv_head) * T + token, slot, token, owner, dims, dim_valid, HAS_PREV_V,
-            )
-
 
 @triton.jit
 def _store_delta_norms(
-    base, stride_s, stride_d, prev_base, stride_prev_d, out_ptrs, slot, token, owner, dims, dim_valid,
-    HAS_PREV: tl.constexpr,
+    base, stride_s, stride_d, prev_base, stride_prev_d, out_ptrs, slot, before_slot, has_before, owner,
+    dims, dim_valid, HAS_PREV: tl.constexpr,
 ):
-    """``‖x[slot] − x[slot − 1]‖₂`` per row (``prev`` for token 0, NaN without it)."""
+    """``‖x[slot] − x[before_slot]‖₂`` per row (``prev`` where not ``has_before``, NaN without it)."""
     mask = owner[:, None] & dim_valid[None, :]
     current = tl.load(base + slot[:, None] * stride_s + dims[None, :] * stride_d, mask=mask, other=0.0)
-    has_before = token > 0
     before = tl.load(
-        base + (slot - 1)[:, None] * stride_s + dims[None, :] * stride_d,
+        base + before_slot[:, None] * stride_s + dims[None, :] * stride_d,
         mask=mask & has_before[:, None], other=0.0,
     ).to(tl.float32)
     if HAS_PREV:
@@ -357,6 +393,7 @@ def slot_attention(
     v: torch.Tensor,
     pos: torch.Tensor,
     *,
+    query_slots: torch.Tensor | None = None,
     scale: float | None = None,
     window: int | None = None,
     prev_k: torch.Tensor | None = None,
@@ -376,6 +413,7 @@ def slot_attention(
     G = Hq // Hkv
     num_rows = T * G
     scale = D**-0.5 if scale is None else float(scale)
+    query_slots = resolve_query_slots(query_slots, q, k)
     if num_splits is None:
         multiprocessors = _multiprocessor_count(q.device.index or 0) if q.is_cuda else 0
         num_splits = choose_num_splits(B * Hkv, num_rows, S, multiprocessors)
@@ -411,10 +449,10 @@ def slot_attention(
     prev_v_strides = prev_v.stride() if has_prev_v else (0, 0, 0)
 
     args = (
-        q, k, v, pos, target_out, target_lse,
+        q, k, v, pos, query_slots, target_out, target_lse,
         dk if dk is not None else out, dv if dv is not None else out,
         prev_k_arg, prev_v_arg,
-        *q.stride(), *k.stride(), *v.stride(), *pos.stride(),
+        *q.stride(), *k.stride(), *v.stride(), *pos.stride(), *query_slots.stride(),
         *out_strides, split_out_stride,
         *lse_strides, split_lse_stride,
         *prev_k_strides, *prev_v_strides,
@@ -429,6 +467,8 @@ def slot_attention(
         WITH_DELTAS=with_deltas,
         HAS_PREV_K=has_prev_k,
         HAS_PREV_V=has_prev_v,
+        SKIP_BY_POSITION=not uses_decode_space(num_rows),
+        SCAN_BLOCK=SCAN_BLOCK,
         UPCAST=INTERPRET,
         DOT_PRECISION=dot_precision(q.dtype),
     )

@@ -11,10 +11,11 @@ known relative to a running maximum that later keys may still raise.
 Same contract as :func:`epikv_triton.ops.naive.attention_column_sums`:
 
 * ``q``: ``[B, Hq, T, D]``; ``k``: ``[B, Hkv, S, D]``; one dtype among fp16,
-  bf16, fp32; ``Hq = G · Hkv``; any strides. The last ``T`` key slots hold the
-  queries' own keys.
-* ``pos``: ``[B, S]`` int32/int64, ``-1`` = empty/padding slot; query ``i`` has
-  position ``pos[:, S − T + i]``. Visibility is the library's one rule
+  bf16, fp32; ``Hq = G · Hkv``; any strides.
+* ``pos``: ``[B, S]`` int32/int64, ``-1`` = empty/padding slot; slot order
+  carries no meaning. ``query_slots``: ``[B, T]`` int32/int64, the slot of
+  query ``t``'s own key (``None``: the last ``T`` slots), so query ``t`` has
+  position ``pos[:, query_slots[:, t]]``. Visibility is the library's one rule
   (:func:`~epikv_triton.ops.naive.visibility_mask`; in kernels
   :func:`~epikv_triton.ops._triton_support.visible_pairs`), and a tile whose
   positions prove every pair visible skips the mask.
@@ -31,12 +32,13 @@ backward's dK/dV pass):
   query rows ``r = t · G + g`` (new token ``t``, head ``g`` of the group) in
   blocks of ``BLOCK_M``, so every K tile serves all ``G`` heads and each column
   sum is owned by exactly one program (no atomics, deterministic).
-* Causal skip: key slot ``S − T + t'`` is a new token, seen only by tokens
-  ``t ≥ t'`` (the new tokens' positions strictly increase), so the row walk of a
-  key block starts at the first token that could see it. With a sliding window,
-  a block made only of new tokens ``t0..t1`` is also invisible to every token
-  ``t ≥ t1 + window``, so the walk ends there. Cache slots can hold any
-  position and are always walked against every query.
+* Causal skip, by position (slot order means nothing): a program first scans
+  the ``T`` query positions (``SCAN_BLOCK`` at a time, int loads only) for the
+  first and last token whose position can see some key of its block: at or
+  after the block's oldest real position and, with a window, before its
+  newest plus ``window``. The row walk covers those tokens only; with the new
+  tokens last and in order this is the classic causal (and window) bound, and
+  a block with no real key walks nothing.
 * Scores are formed exactly as the forward kernel forms them (same ``tl.dot``
   precision, base-2 exponent with ``log2(e)`` folded into the scale), so the
   probabilities agree with the ``lse`` they are normalised by.
@@ -54,6 +56,7 @@ import triton.language as tl
 
 from ._triton_support import INTERPRET, LOG2_E, LOG2_E_JIT
 from ._triton_support import autotune, autotune_bucket, dot_precision, launch_options, tile_fully_visible, visible_pairs
+from .naive import resolve_query_slots
 
 
 # GPU tuning space. BLOCK_N is the resident key tile (like the K/V tile of a
@@ -77,6 +80,9 @@ COLUMN_SUM_CONFIGS = [
 # The interpreter runs one config; big tiles mean fewer interpreted iterations.
 COLUMN_SUM_INTERPRET_CONFIG = triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=4, num_stages=1)
 
+# Query tokens per strip of the causal-skip scan (one strip for any decode step or short chunk).
+SCAN_BLOCK = 1024
+
 # Tile-relevant sizes and the (batch, kv head) count that multiplies the key blocks into programs.
 AUTOTUNE_KEY = ["BLOCK_D", "G", "ROWS_BUCKET", "KEYS_BUCKET", "PROGRAMS_BUCKET", "HAS_WINDOW"]
 
@@ -88,16 +94,17 @@ AUTOTUNE_KEY = ["BLOCK_D", "G", "ROWS_BUCKET", "KEYS_BUCKET", "PROGRAMS_BUCKET",
 
 @triton.jit
 def _column_sums_kernel(
-    Q, K, POS, LSE, OUT,
+    Q, K, POS, QUERY_SLOTS, LSE, OUT,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_pb, stride_ps,
+    stride_sb, stride_st,
     stride_lb, stride_lh, stride_lt,
     T, S, D, G, Hkv,
     qk_scale, window,
     ROWS_BUCKET, KEYS_BUCKET, PROGRAMS_BUCKET,  # autotune key only
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, SCAN_BLOCK: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -105,7 +112,6 @@ def _column_sums_kernel(
     b = (pid_bh // Hkv).to(tl.int64)
     kv_head = (pid_bh % Hkv).to(tl.int64)
     num_rows = T * G
-    first_new_slot = S - T
 
     block_start = pid_n * BLOCK_N
     keys = block_start + tl.arange(0, BLOCK_N)
@@ -116,21 +122,26 @@ def _column_sums_kernel(
     pos_row = POS + b * stride_pb
     # Positions are held as int32. Slots past the end read -1: never visible, never stored.
     pos_k = tl.load(pos_row + keys * stride_ps, mask=key_valid, other=-1).to(tl.int32)
-    # K is loaded transposed ([D, N]) so each score tile is a plain q @ k_t.
+
+    # Tokens that can see any key of this block (see the module docstring).
+    slot_row = QUERY_SLOTS + b * stride_sb
+    oldest_key = tl.min(tl.where(pos_k >= 0, pos_k, 2147483647), axis=0)
+    if HAS_WINDOW:
+        latest_seeing = tl.max(pos_k, axis=0) + window - 1
+    else:
+        latest_seeing = 2147483647
+    token_lo, token_hi = _seeing_token_range(
+        pos_row, stride_ps, slot_row, stride_st, T, oldest_key, latest_seeing, SCAN_BLOCK,
+    )
+
+    # Loaded after the scan, so its registers are not live during it; transposed
+    # ([D, N]) so each score tile is a plain q @ k_t.
     k_t = tl.load(
         K + b * stride_kb + kv_head * stride_kh + keys[None, :] * stride_ks + dims[:, None] * stride_kd,
         mask=key_valid[None, :] & dim_valid[:, None], other=0.0,
     )
     if UPCAST:
         k_t = k_t.to(tl.float32)
-
-    # Token range that can see any key of this block (see the module docstring).
-    first_key_token = block_start - first_new_slot
-    token_lo = tl.maximum(first_key_token, 0)
-    token_hi = T
-    if HAS_WINDOW:
-        last_key_token = tl.minimum(block_start + BLOCK_N, S) - 1 - first_new_slot
-        token_hi = tl.where(first_key_token >= 0, tl.minimum(T, last_key_token + window), T)
 
     q_base = Q + b * stride_qb
     lse_base = LSE + b * stride_lb
@@ -140,8 +151,10 @@ def _column_sums_kernel(
         row_valid = rows < num_rows
         token = rows // G
         q_head = kv_head * G + rows % G
-        # Rows past the end read position -1 and lse -inf: they see nothing.
-        pos_q = tl.load(pos_row + (first_new_slot + token) * stride_ps, mask=row_valid, other=-1).to(tl.int32)
+        # A query's position is its own slot's. Rows past the end read position
+        # -1 and lse -inf: they see nothing.
+        query_slot = tl.load(slot_row + token * stride_st, mask=row_valid, other=0).to(tl.int32)
+        pos_q = tl.load(pos_row + query_slot * stride_ps, mask=row_valid, other=-1).to(tl.int32)
         lse = tl.load(lse_base + q_head * stride_lh + token * stride_lt, mask=row_valid, other=float("-inf"))
         q = tl.load(
             q_base + q_head[:, None] * stride_qh + token[:, None] * stride_qt + dims[None, :] * stride_qd,
@@ -167,6 +180,23 @@ def _column_sums_kernel(
     tl.store(OUT + pid_bh.to(tl.int64) * S + keys, column_sums, mask=key_valid)
 
 
+@triton.jit
+def _seeing_token_range(pos_row, stride_ps, slot_row, stride_st, T, oldest, latest, SCAN_BLOCK: tl.constexpr):
+    """``(lo, hi)``: every token whose position lies in ``[oldest, latest]`` is in ``[lo, hi)``; ``lo >= hi``
+    when none is. A token's position is its query slot's."""
+    lo = T
+    last = -1
+    for start in range(0, T, SCAN_BLOCK):
+        tokens = start + tl.arange(0, SCAN_BLOCK)
+        valid = tokens < T
+        query_slot = tl.load(slot_row + tokens * stride_st, mask=valid, other=0).to(tl.int32)
+        pos_q = tl.load(pos_row + query_slot * stride_ps, mask=valid, other=-1).to(tl.int32)
+        seeing = (pos_q >= oldest) & (pos_q <= latest)
+        lo = tl.minimum(lo, tl.min(tl.where(seeing, tokens, T), axis=0))
+        last = tl.maximum(last, tl.max(tl.where(seeing, tokens, -1), axis=0))
+    return lo, last + 1
+
+
 _column_sums_autotuned = autotune(COLUMN_SUM_CONFIGS, AUTOTUNE_KEY, COLUMN_SUM_INTERPRET_CONFIG)(_column_sums_kernel)
 
 
@@ -181,6 +211,7 @@ def attention_column_sums(
     pos: torch.Tensor,
     lse: torch.Tensor,
     *,
+    query_slots: torch.Tensor | None = None,
     scale: float | None = None,
     window: int | None = None,
     config: triton.Config | None = None,
@@ -197,10 +228,11 @@ def attention_column_sums(
     out = torch.empty((B, Hkv, S), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out
+    query_slots = resolve_query_slots(query_slots, q, k)
 
     args = (
-        q, k, pos, lse, out,
-        *q.stride(), *k.stride(), *pos.stride(), *lse.stride(),
+        q, k, pos, query_slots, lse, out,
+        *q.stride(), *k.stride(), *pos.stride(), *query_slots.stride(), *lse.stride(),
         T, S, D, G, Hkv,
         scale * LOG2_E, window if window is not None else 0,
         autotune_bucket(T * G), autotune_bucket(S), autotune_bucket(B * Hkv),
@@ -208,6 +240,7 @@ def attention_column_sums(
     constants = dict(
         BLOCK_D=max(16, triton.next_power_of_2(D)),
         HAS_WINDOW=window is not None,
+        SCAN_BLOCK=SCAN_BLOCK,
         UPCAST=INTERPRET,
         # Must match the forward kernel's scores, or exp(s − lse) drifts from
         # the probabilities lse normalised (tf32 only matters for fp32 inputs).

@@ -8,9 +8,12 @@ attention matrix of one call.
 Layouts (shared with the kernels, see :mod:`epikv_triton.ops`):
 
 * ``q``: ``[B, Hq, T, D]``; ``k``, ``v``: ``[B, Hkv, S, D]`` with ``Hq % Hkv == 0``.
-  The last ``T`` key slots hold the keys of the ``T`` query tokens, in order.
 * ``pos``: ``[B, S]`` integer absolute positions of the key slots, ``-1`` for an
-  empty or padding slot. Query ``i`` is the token in slot ``S - T + i``.
+  empty or padding slot. Slot order carries no meaning.
+* ``query_slots``: ``[B, T]`` int32/int64, the slot holding query token ``t``'s
+  own key and value (so its position is ``pos[b, query_slots[b, t]]``); any
+  slots, in any order, each in ``[0, S)``. ``None`` means the last ``T`` slots,
+  in order (:func:`last_slots`).
 * Any strides are accepted.
 """
 
@@ -38,14 +41,28 @@ class AttentionResult(NamedTuple):
     lse: torch.Tensor | None
 
 
-def visibility_mask(pos: torch.Tensor, num_queries: int, window: int | None) -> torch.Tensor:
+def last_slots(batch: int, num_queries: int, num_slots: int, device: torch.device) -> torch.Tensor:
+    """``[B, T]`` int64 query slots when none are given: the last ``T`` of ``S`` slots, in order
+    (an expanded view, no copy per sequence)."""
+    return torch.arange(num_slots - num_queries, num_slots, device=device).expand(batch, num_queries)
+
+
+def resolve_query_slots(query_slots: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``query_slots``, or the last ``T`` slots of ``k`` for ``q [B, Hq, T, D]`` when it is ``None``."""
+    if query_slots is not None:
+        return query_slots
+    return last_slots(q.shape[0], q.shape[2], k.shape[2], q.device)
+
+
+def visibility_mask(pos: torch.Tensor, query_slots: torch.Tensor, window: int | None) -> torch.Tensor:
     """``[B, T, S]`` bool: key slot ``j`` is visible to query ``i``.
 
     The one masking rule of the library: ``pos_k[j] >= 0`` and
-    ``pos_k[j] <= pos_q[i]`` and, with a window, ``pos_q[i] - pos_k[j] < window``.
-    A padding query (``pos_q = -1``) sees nothing.
+    ``pos_k[j] <= pos_q[i]`` and, with a window, ``pos_q[i] - pos_k[j] < window``,
+    where ``pos_q[i] = pos[query_slots[i]]``. A padding query (``pos_q = -1``)
+    sees nothing. Nothing here depends on which slot holds what.
     """
-    pos_q = pos[:, pos.shape[1] - num_queries :, None]
+    pos_q = pos.gather(1, query_slots.long())[:, :, None]
     pos_k = pos[:, None, :]
     visible = (pos_k >= 0) & (pos_k <= pos_q)
     if window is not None:
@@ -53,11 +70,18 @@ def visibility_mask(pos: torch.Tensor, num_queries: int, window: int | None) -> 
     return visible
 
 
+def gather_slots(x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """``x [B, H, S, D]`` at ``slots [B, T]``: ``[B, H, T, D]`` (a copy)."""
+    B, H, _, D = x.shape
+    return x.gather(2, slots.long()[:, None, :, None].expand(B, H, slots.shape[1], D))
+
+
 def delta_norms(
-    x: torch.Tensor, num_new: int, prev: torch.Tensor | None
+    x: torch.Tensor, query_slots: torch.Tensor, prev: torch.Tensor | None
 ) -> torch.Tensor:
-    """``[B, H, T]`` float32 ``‖x_t − x_{t−1}‖₂`` over the last ``num_new`` slots of ``x``."""
-    new = x[:, :, x.shape[2] - num_new :].float()
+    """``[B, H, T]`` float32 ``‖x_t − x_{t−1}‖₂`` of the new tokens, token ``t`` being ``x`` at
+    ``query_slots[:, t]`` (``prev`` before token 0; NaN without it)."""
+    new = gather_slots(x, query_slots).float()
     if prev is None:
         first = torch.full_like(new[:, :, :1, 0], float("nan"))
     else:
@@ -67,7 +91,12 @@ def delta_norms(
 
 
 def grouped_scores(
-    q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, scale: float | None, window: int | None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    pos: torch.Tensor,
+    query_slots: torch.Tensor,
+    scale: float | None,
+    window: int | None,
 ) -> torch.Tensor:
     """``[B, Hkv, G·T, S]`` float32 scaled ``q·kᵀ``, ``-inf`` where hidden.
 
@@ -79,7 +108,7 @@ def grouped_scores(
     group = Hq // Hkv
     scale = D**-0.5 if scale is None else scale
     scores = torch.matmul(q.float().reshape(B, Hkv, group * T, D), k.float().transpose(-1, -2)) * scale
-    visible = visibility_mask(pos, T, window)[:, None].expand(B, group, T, -1).reshape(B, 1, group * T, -1)
+    visible = visibility_mask(pos, query_slots, window)[:, None].expand(B, group, T, -1).reshape(B, 1, group * T, -1)
     return scores.masked_fill(~visible, float("-inf"))
 
 
@@ -89,6 +118,7 @@ def slot_attention(
     v: torch.Tensor,
     pos: torch.Tensor,
     *,
+    query_slots: torch.Tensor | None = None,
     scale: float | None = None,
     window: int | None = None,
     prev_k: torch.Tensor | None = None,
@@ -97,25 +127,27 @@ def slot_attention(
     return_lse: bool = False,
     num_splits: int | None = None,
 ) -> AttentionResult:
-    """Attention of the last ``T`` tokens over all ``S`` key slots, plus delta norms.
+    """Attention of the ``T`` new tokens (in ``query_slots``) over all ``S`` key slots, plus delta norms.
 
-    Covers prefill (``S == T``), chunked prefill and decode (``T == 1``) with one
-    rule (see :func:`visibility_mask`). Softmax in float32; the output is cast
+    Covers prefill, chunked prefill and decode (``T == 1``) with one rule (see
+    :func:`visibility_mask`); the delta norms compare each new token's key and
+    value with those in the previous token's query slot (see :func:`delta_norms`). Softmax in float32; the output is cast
     to ``q.dtype``. A query that sees no key gets a zero output and ``lse = -inf``.
     ``num_splits`` only steers the Triton path's split-K; it is accepted and
     ignored here so both backends share one signature.
     """
     del num_splits
     B, Hq, T, D = q.shape
-    scores = grouped_scores(q, k, pos, scale, window)
+    query_slots = resolve_query_slots(query_slots, q, k)
+    scores = grouped_scores(q, k, pos, query_slots, scale, window)
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse.masked_fill(torch.isinf(lse), 0.0)[..., None])
     out = torch.matmul(probs, v.float()).reshape(B, Hq, T, D).to(q.dtype)
     lse = lse.reshape(B, Hq, T)
     dk = dv = None
     if with_deltas:
-        dk = delta_norms(k, T, prev_k)
-        dv = delta_norms(v, T, prev_v)
+        dk = delta_norms(k, query_slots, prev_k)
+        dv = delta_norms(v, query_slots, prev_v)
     return AttentionResult(out, dk, dv, lse if return_lse else None)
 
 
@@ -292,13 +324,14 @@ def attention_column_sums(
     pos: torch.Tensor,
     lse: torch.Tensor,
     *,
+    query_slots: torch.Tensor | None = None,
     scale: float | None = None,
     window: int | None = None,
 ) -> torch.Tensor:
     """H2O column sums: the attention probability each key slot receives, summed.
 
-    ``q``: ``[B, Hq, T, D]``; ``k``: ``[B, Hkv, S, D]`` (one float dtype, the last
-    ``T`` slots are the queries' keys); ``pos``: ``[B, S]`` int (see
+    ``q``: ``[B, Hq, T, D]``; ``k``: ``[B, Hkv, S, D]`` (one float dtype);
+    ``pos``: ``[B, S]`` int and ``query_slots``: ``[B, T]`` int (see
     :func:`visibility_mask`); ``lse``: ``[B, Hq, T]`` float32 natural-log row
     normalisers, as :func:`slot_attention` returns them (``-inf``: the query saw
     nothing and contributes nothing).
@@ -309,7 +342,7 @@ def attention_column_sums(
     Materialises the ``[B, Hq, T, S]`` probabilities (the eager H2O baseline).
     """
     B, Hkv, S = k.shape[:3]
-    scores = grouped_scores(q, k, pos, scale, window)
+    scores = grouped_scores(q, k, pos, resolve_query_slots(query_slots, q, k), scale, window)
     normaliser = lse.float().reshape(B, Hkv, -1, 1)
     # A query that saw nothing (lse = -inf) has every score at -inf too: give it a finite normaliser.
     probs = torch.exp(scores - normaliser.masked_fill(torch.isinf(normaliser), 0.0))
@@ -331,6 +364,9 @@ __all__ = [
     "compact_slots_",
     "compaction_plan",
     "delta_norms",
+    "gather_slots",
+    "last_slots",
+    "resolve_query_slots",
     "rolling_zscore",
     "select_slots",
     "visibility_mask",

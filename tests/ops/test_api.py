@@ -37,6 +37,13 @@ def attention_inputs(B=2, Hq=4, Hkv=2, T=3, S=7, D=16, dtype=torch.float32):
         (lambda a: a["pos"].__setitem__((0, 5), 2), "positions out of order"),
         (lambda a: a["pos"].__setitem__((1, 0), -3), "must be -1"),
         (lambda a: a.update(q=a["q"].to("meta")), "one device"),
+        (lambda a: a.update(query_slots=torch.tensor([[4, 5, 6]] * 2).float()), "query_slots must have dtype"),
+        (lambda a: a.update(query_slots=torch.tensor([[4, 5]] * 2)), r"query_slots must have shape \[B, T\]"),
+        (lambda a: a.update(query_slots=torch.tensor([4, 5, 6])), "query_slots must have 2 dimensions"),
+        (lambda a: a.update(query_slots=torch.tensor([[4, 5, 7]] * 2)), r"every entry in \[0, S=7\)"),
+        (lambda a: a.update(query_slots=torch.tensor([[-1, 5, 6]] * 2)), r"every entry in \[0, S=7\)"),
+        (lambda a: a.update(query_slots=torch.tensor([[6, 5, 4]] * 2)), "positions out of order"),
+        (lambda a: a.update(query_slots=torch.tensor([[4, 5, 6]] * 2, device="meta")), "one device"),
     ],
 )
 def test_attention_rejects_bad_input(mutate, message):
@@ -52,6 +59,7 @@ def test_attention_accepts_padding_and_unchecked_positions():
     pos[1, :2] = -1
     pos[1, 2:] -= 2
     ops.slot_attention(q, k, v, pos)
+    ops.slot_attention(q, k, v, pos, query_slots=torch.tensor([[0, 3, 6], [2, 4, 6]], dtype=torch.int32))
     pos[0, 5] = 2  # out of order, but the caller vouches for its positions
     ops.slot_attention(q, k, v, pos, check_positions=False)
 

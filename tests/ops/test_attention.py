@@ -14,7 +14,10 @@ import torch
 
 from epikv_triton.ops import attention, naive
 from epikv_triton.ops.attention import DECODE_CONFIGS, PREFILL_CONFIGS
-from tests.helpers import assert_close_rms, cache_positions, device, poisoning_runner, prefill_positions, randn
+from tests.helpers import (
+    ANY_SLOT_CASES, assert_close_rms, cache_positions, chunk_positions, device, poisoning_runner,
+    prefill_positions, randn, shuffle_slots,
+)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Small key tiles: several per test, so per-tile decisions (splits, mask skip) vary.
@@ -81,9 +84,11 @@ def check_against_twin(run, q, k, v, pos, **kwargs):
     return result, expected
 
 
-def assert_blind_queries_are_zero(result, pos, T):
+def assert_blind_queries_are_zero(result, pos, query_slots=None):
     """Queries that see no key (padding) must give exactly 0 and, when asked, lse = -inf."""
-    blind = naive.visibility_mask(pos, T, None).sum(-1) == 0  # [B, T]
+    B, _, T, _ = result.out.shape
+    slots = naive.last_slots(B, T, pos.shape[1], pos.device) if query_slots is None else query_slots
+    blind = naive.visibility_mask(pos, slots, None).sum(-1) == 0  # [B, T]
     assert bool(blind.any()), "test setup: expected some blind queries"
     out = result.out.float().permute(0, 2, 1, 3)  # [B, T, Hq, D]
     assert bool((out[blind] == 0).all())
@@ -96,7 +101,14 @@ def assert_blind_queries_are_zero(result, pos, T):
 # --------------------------------------------------------------------------- #
 
 
-def test_twin_matches_a_per_query_loop():
+# The new tokens last (query_slots=None), and the same slots shuffled, the new tokens in slots 7, 2, 10, 0, 5
+# of sequence 0 (out of order, not contiguous) and anywhere in sequence 1.
+SHUFFLED_POS = [[7, 5, 8, -1, 3, 10, 1, 0, 2, 6, 9], [-1, 2, -1, -1, -1, 1, -1, -1, -1, 0, -1]]
+SHUFFLED_QUERY_SLOTS = [[7, 2, 10, 0, 5], [9, 5, 1, 3, 8]]
+
+
+@pytest.mark.parametrize("shuffled", [False, True], ids=["last-slots", "shuffled-slots"])
+def test_twin_matches_a_per_query_loop(shuffled):
     """naive.slot_attention against softmax written one query and one key at a time."""
     torch.manual_seed(0)
     B, Hq, Hkv, T, S, D, window = 2, 4, 2, 5, 11, 6, 4
@@ -104,17 +116,24 @@ def test_twin_matches_a_per_query_loop():
     k = torch.randn(B, Hkv, S, D)
     v = torch.randn(B, Hkv, S, D)
     prev_k, prev_v = torch.randn(B, Hkv, D), torch.randn(B, Hkv, D)
-    pos = torch.tensor([[3, -1, 0, 5, 1, 2, 6, 7, 8, 9, 10], [-1, -1, -1, -1, -1, -1, -1, -1, 0, 1, 2]])
+    if shuffled:
+        pos, query_slots = torch.tensor(SHUFFLED_POS), torch.tensor(SHUFFLED_QUERY_SLOTS)
+        slots = query_slots.tolist()
+    else:
+        pos = torch.tensor([[3, -1, 0, 5, 1, 2, 6, 7, 8, 9, 10], [-1, -1, -1, -1, -1, -1, -1, -1, 0, 1, 2]])
+        query_slots = None
+        slots = [list(range(S - T, S))] * B
     scale = 0.37
     for win in (None, window):
         got = naive.slot_attention(
-            q, k, v, pos, scale=scale, window=win, prev_k=prev_k, prev_v=prev_v, return_lse=True
+            q, k, v, pos, query_slots=query_slots, scale=scale, window=win, prev_k=prev_k, prev_v=prev_v,
+            return_lse=True,
         )
         for b in range(B):
             for h in range(Hq):
                 kv = h // (Hq // Hkv)
                 for i in range(T):
-                    pq = int(pos[b, S - T + i])
+                    pq = int(pos[b, slots[b][i]])
                     seen = [
                         j for j in range(S)
                         if pos[b, j] >= 0 and pos[b, j] <= pq and (win is None or pq - pos[b, j] < win)
@@ -133,12 +152,12 @@ def test_twin_matches_a_per_query_loop():
         for b in range(B):
             for h in range(Hkv):
                 for t in range(T):
-                    slot = S - T + t
-                    before_k = prev_k[b, h] if t == 0 else k[b, h, slot - 1]
-                    before_v = prev_v[b, h] if t == 0 else v[b, h, slot - 1]
+                    slot = slots[b][t]
+                    before_k = prev_k[b, h] if t == 0 else k[b, h, slots[b][t - 1]]
+                    before_v = prev_v[b, h] if t == 0 else v[b, h, slots[b][t - 1]]
                     assert math.isclose(float(got.dk[b, h, t]), float((k[b, h, slot] - before_k).norm()), rel_tol=1e-5)
                     assert math.isclose(float(got.dv[b, h, t]), float((v[b, h, slot] - before_v).norm()), rel_tol=1e-5)
-    without_prev = naive.slot_attention(q, k, v, pos)
+    without_prev = naive.slot_attention(q, k, v, pos, query_slots=query_slots)
     assert bool(torch.isnan(without_prev.dk[:, :, 0]).all()) and not bool(torch.isnan(without_prev.dk[:, :, 1:]).any())
 
 
@@ -172,7 +191,7 @@ def test_prefill_left_padding(poisoned_allocations):
     q, k, v = qkv(B, Hq, Hkv, T, T, D, torch.float32)
     pos = prefill_positions(B, T, pad=(0, 13, T))
     result, _ = check_against_twin(poisoned_allocations, q, k, v, pos, return_lse=True)
-    assert_blind_queries_are_zero(result, pos, T)
+    assert_blind_queries_are_zero(result, pos)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -257,7 +276,7 @@ def test_decode_window_and_blind_query(poisoned_allocations, num_splits):
     result, _ = check_against_twin(
         poisoned_allocations, q, k, v, pos, window=120, num_splits=num_splits, return_lse=True
     )
-    assert_blind_queries_are_zero(result, pos, 1)
+    assert_blind_queries_are_zero(result, pos)
 
 
 def test_split_with_nothing_visible_in_some_splits(poisoned_allocations):
@@ -317,6 +336,79 @@ def test_fully_visible_tiles_skip_the_mask(poisoned_allocations, C, T, window, c
     pos = cache_positions(B, C, T, seen=C)  # the cache holds positions 0..C-1, shuffled
     pos[1, -1] = -1
     check_against_twin(poisoned_allocations, q, k, v, pos, window=window, return_lse=True, config=config)
+
+
+# --------------------------------------------------------------------------- #
+# New tokens in any slots (query_slots)
+# --------------------------------------------------------------------------- #
+
+
+def check_any_layout(run, q, k, v, pos, empty_slots, **kwargs):
+    """The call in the default layout, then with the slots shuffled (the new tokens anywhere, in no order,
+    ``empty_slots`` empty slots mixed in): the kernel must match the twin there, and the twin there must
+    match the twin in the default layout, since nothing may depend on slot order."""
+    T = q.shape[2]
+    default = naive.slot_attention(q, k, v, pos, **{n: a for n, a in kwargs.items() if n != "config"})
+    pos, k, v, slot_of = shuffle_slots(pos, k, v, empty_slots=empty_slots)
+    query_slots = slot_of[:, -T:]
+    assert not bool((query_slots == torch.arange(k.shape[2] - T, k.shape[2], device=q.device)).all()), "setup"
+    result, twin = check_against_twin(run, q, k, v, pos, query_slots=query_slots, **kwargs)
+    for name in ("out", "dk", "dv", "lse"):
+        if getattr(default, name) is not None:
+            dtype = q.dtype if name == "out" else torch.float32
+            assert_close_rms(getattr(twin, name), getattr(default, name), dtype, f"{name} (layouts)")
+    return result, pos, query_slots
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("C, T, window, empty_slots", ANY_SLOT_CASES)
+def test_new_tokens_in_any_slots(poisoned_allocations, dtype, C, T, window, empty_slots):
+    """Causal skip by position, masks and deltas (each token against its predecessor's slot) whatever the
+    slots; sequence 1 is left-padded, so some queries are blind and some slots are padding."""
+    torch.manual_seed(C + T + empty_slots)
+    Hq, Hkv, D = 4, 2, 64
+    q, k, v = qkv(2, Hq, Hkv, T, C + T, D, dtype)
+    pos = chunk_positions(C, T)
+    result, pos, query_slots = check_any_layout(
+        poisoned_allocations, q, k, v, pos, empty_slots, window=window, prev_k=k[:, :, 0], prev_v=v[:, :, 0],
+        return_lse=True, config=SMALL_TILES,
+    )
+    if not C:
+        assert_blind_queries_are_zero(result, pos, query_slots)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("T", [1, 3])
+def test_decode_in_any_slot(poisoned_allocations, num_splits, T):
+    """Decode-space steps written into a hole in the middle of the cache, past empty capacity, as a static
+    decode step over a whole buffer does; sequence 1's last token is padding."""
+    torch.manual_seed(num_splits + T)
+    B, Hq, Hkv, C, D = 2, 4, 1, 200, 64
+    q, k, v = qkv(B, Hq, Hkv, T, C + T, D, torch.bfloat16)
+    pos = cache_positions(B, C, T, seen=260, holes=12, pad=(0, 30))
+    pos[1, -1] = -1
+    assert attention.uses_decode_space(T * Hq // Hkv)
+    result, pos, query_slots = check_any_layout(
+        poisoned_allocations, q, k, v, pos, 60, prev_k=k[:, :, 0], prev_v=v[:, :, 0], num_splits=num_splits,
+        return_lse=True,
+    )
+    assert_blind_queries_are_zero(result, pos, query_slots)
+
+
+def test_explicit_last_slots_equal_the_default(poisoned_allocations):
+    """query_slots naming the last T slots, int32 and strided, is exactly the default call."""
+    torch.manual_seed(16)
+    B, Hq, Hkv, C, T, D = 2, 4, 2, 30, 20, 32
+    q, k, v = qkv(B, Hq, Hkv, T, C + T, D, torch.float16)
+    pos = cache_positions(B, C, T, seen=40, holes=3, pad=(0, 5))
+    wide = torch.arange(C, C + 2 * T, dtype=torch.int32, device=device()).repeat(B, 1)
+    wide[:, 0::2] = torch.arange(C, C + T, dtype=torch.int32, device=device())
+    query_slots = wide[:, ::2]
+    assert not query_slots.is_contiguous()
+    default = poisoned_allocations(q, k, v, pos, prev_k=k[:, :, 0], return_lse=True)
+    explicit = poisoned_allocations(q, k, v, pos, query_slots=query_slots, prev_k=k[:, :, 0], return_lse=True)
+    for name in ("out", "dk", "dv", "lse"):
+        assert torch.equal(getattr(default, name).nan_to_num(7.0), getattr(explicit, name).nan_to_num(7.0)), name
 
 
 # --------------------------------------------------------------------------- #
@@ -381,28 +473,35 @@ def config_id(config):
     return f"M{config.kwargs['BLOCK_M']}-N{config.kwargs['BLOCK_N']}-w{config.num_warps}-s{config.num_stages}"
 
 
+@pytest.mark.parametrize("empty_slots", [None, 20], ids=["last-slots", "shuffled-slots"])
 @pytest.mark.parametrize("config", PREFILL_CONFIGS, ids=config_id)
-def test_every_prefill_config(poisoned_allocations, config):
+def test_every_prefill_config(poisoned_allocations, config, empty_slots):
     torch.manual_seed(11)
     B, Hq, Hkv, C, T, D = 1, 2, 1, 40, 70, 64
     S = C + T
     q, k, v = qkv(B, Hq, Hkv, T, S, D, torch.float16)
     pos = cache_positions(B, C, T, seen=60, holes=6)
-    check_against_twin(
-        poisoned_allocations, q, k, v, pos, window=50, prev_k=k[:, :, 0], prev_v=v[:, :, 0], return_lse=True,
-        config=config,
-    )
+    kwargs = dict(window=50, prev_k=k[:, :, 0], prev_v=v[:, :, 0], return_lse=True, config=config)
+    if empty_slots is None:
+        check_against_twin(poisoned_allocations, q, k, v, pos, **kwargs)
+    else:
+        check_any_layout(poisoned_allocations, q, k, v, pos, empty_slots, **kwargs)
 
 
+@pytest.mark.parametrize("empty_slots", [None, 40], ids=["last-slots", "shuffled-slots"])
 @pytest.mark.parametrize("num_splits", [1, 3])
 @pytest.mark.parametrize("config", DECODE_CONFIGS, ids=config_id)
-def test_every_decode_config(poisoned_allocations, config, num_splits):
+def test_every_decode_config(poisoned_allocations, config, num_splits, empty_slots):
     torch.manual_seed(12)
     B, Hq, Hkv, C, D = 1, 8, 2, 299, 64
     S = C + 1
     q, k, v = qkv(B, Hq, Hkv, 1, S, D, torch.float16)
     pos = cache_positions(B, C, 1, seen=350, holes=20)
-    check_against_twin(poisoned_allocations, q, k, v, pos, num_splits=num_splits, return_lse=True, config=config)
+    kwargs = dict(prev_k=k[:, :, 0], num_splits=num_splits, return_lse=True, config=config)
+    if empty_slots is None:
+        check_against_twin(poisoned_allocations, q, k, v, pos, **kwargs)
+    else:
+        check_any_layout(poisoned_allocations, q, k, v, pos, empty_slots, **kwargs)
 
 
 def test_config_spaces_are_well_formed():

@@ -2,7 +2,8 @@
 
 A tiny multi-layer attention model decodes with a bounded slot cache. Every
 step writes the new K/V into preallocated slots, runs ``ops.slot_attention``
-(which also emits the key/value delta norms), turns the per-layer deltas into
+over the whole buffer, naming the new tokens' slots (it also emits the
+key/value delta norms), turns the per-layer deltas into
 band values, scores them with ``ops.rolling_zscore`` and, past the budget,
 compacts every layer at once with ``ops.evict_``. The loop on the kernels must
 match the same loop on the PyTorch twins.
@@ -42,8 +43,14 @@ def heads(x, count):
     return x.view(B, T, count, HEAD_DIM).transpose(1, 2)
 
 
-def run_engine(weights, dev):
-    """Greedy decoding with eviction; returns per-step tokens, logits and slot positions."""
+def run_engine(weights, dev, static_shapes=True):
+    """Greedy decoding with eviction; returns per-step tokens, logits and slot positions.
+
+    ``static_shapes``: every step attends over the whole capacity, the slots
+    past the fill empty (position -1, stale K/V after a compaction), the new
+    tokens named by their slots; otherwise over the slots in use, the new
+    tokens last (the default ``query_slots``).
+    """
     capacity = BUDGET + EVICT_EVERY
     kv = torch.zeros(2, LAYERS, BATCH, KV_HEADS, capacity, HEAD_DIM, device=dev)
     planes = kv.view(2 * LAYERS, BATCH, KV_HEADS, capacity, HEAD_DIM)
@@ -64,6 +71,7 @@ def run_engine(weights, dev):
     fill, history = 0, []
     for _ in range(STEPS):
         T = tokens.shape[1]
+        slots = torch.arange(fill, fill + T, device=dev).expand(BATCH, T)
         pos[:, fill : fill + T] = new_pos
         x = w["embed"][tokens]
         layer_signal = []
@@ -71,12 +79,14 @@ def run_engine(weights, dev):
             q = heads(x @ lw["q"], Q_HEADS)
             kv[0, layer, :, :, fill : fill + T] = heads(x @ lw["k"], KV_HEADS)
             kv[1, layer, :, :, fill : fill + T] = heads(x @ lw["v"], KV_HEADS)
-            keys, values = kv[0, layer, :, :, : fill + T], kv[1, layer, :, :, : fill + T]
+            used = capacity if static_shapes else fill + T
             result = ops.slot_attention(
-                q, keys, values, pos[:, : fill + T], window=WINDOW if layer == 1 else None,
+                q, kv[0, layer, :, :, :used], kv[1, layer, :, :, :used], pos[:, :used],
+                query_slots=slots if static_shapes else None, window=WINDOW if layer == 1 else None,
                 prev_k=prev_k[layer], prev_v=prev_v[layer],
             )
-            prev_k[layer], prev_v[layer] = keys[:, :, -1].clone(), values[:, :, -1].clone()
+            last = fill + T - 1
+            prev_k[layer], prev_v[layer] = kv[0, layer, :, :, last].clone(), kv[1, layer, :, :, last].clone()
             x = x + result.out.transpose(1, 2).reshape(x.shape) @ lw["o"]
             layer_signal.append((result.dk + result.dv).mean(dim=1))
         band_values = torch.stack(layer_signal, dim=1)
@@ -110,6 +120,17 @@ def test_engine_loop_on_kernels_matches_twins(monkeypatch):
         assert mine[3] == ref[3] and torch.equal(mine[2], ref[2]), f"kept slots differ at step {step}"
         kept_per_sequence = (mine[2] >= 0).sum(dim=1)
         assert int(kept_per_sequence.max()) <= BUDGET + EVICT_EVERY - 1
+
+
+def test_static_shapes_match_the_slots_in_use():
+    """Attending over the whole buffer with explicit query slots changes nothing."""
+    weights = build_weights(torch.Generator().manual_seed(5))
+    static = run_engine(weights, device())
+    dynamic = run_engine(weights, device(), static_shapes=False)
+    for step, (mine, ref) in enumerate(zip(static, dynamic)):
+        assert torch.equal(mine[0], ref[0]), f"tokens differ at step {step}"
+        torch.testing.assert_close(mine[1], ref[1], rtol=1e-4, atol=1e-4)
+        assert torch.equal(mine[2], ref[2]), f"kept slots differ at step {step}"
 
 
 @pytest.mark.parametrize("backend", ["torch", None])

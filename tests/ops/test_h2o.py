@@ -17,7 +17,10 @@ import torch
 from epikv_triton import ops
 from epikv_triton.ops import h2o, naive
 from epikv_triton.ops.h2o import COLUMN_SUM_CONFIGS
-from tests.helpers import cache_positions, device, poisoning_runner, prefill_positions, randn
+from tests.helpers import (
+    ANY_SLOT_CASES, cache_positions, chunk_positions, device, poisoning_runner, prefill_positions, randn,
+    shuffle_slots,
+)
 
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -39,9 +42,11 @@ def qk(B, Hq, Hkv, T, S, D, dtype, layout="contiguous"):
     return randn(B, Hq, T, D, dtype=dtype, layout=layout), randn(B, Hkv, S, D, dtype=dtype, layout=layout)
 
 
-def pass_one_lse(q, k, pos, scale=None, window=None):
+def pass_one_lse(q, k, pos, scale=None, window=None, query_slots=None):
     """``[B, Hq, T]`` row normalisers from the attention twin (the values do not affect lse)."""
-    return naive.slot_attention(q, k, k, pos, scale=scale, window=window, with_deltas=False, return_lse=True).lse
+    return naive.slot_attention(
+        q, k, k, pos, query_slots=query_slots, scale=scale, window=window, with_deltas=False, return_lse=True
+    ).lse
 
 
 @pytest.fixture
@@ -67,9 +72,9 @@ def check_against_twin(run, q, k, pos, lse=None, **kwargs):
       pairs of its group.
     * A slot no query can see gets exactly 0.
     """
-    scale, window = kwargs.get("scale"), kwargs.get("window")
+    scale, window, query_slots = kwargs.get("scale"), kwargs.get("window"), kwargs.get("query_slots")
     if lse is None:
-        lse = pass_one_lse(q, k, pos, scale=scale, window=window)
+        lse = pass_one_lse(q, k, pos, scale=scale, window=window, query_slots=query_slots)
     got = run(q, k, pos, lse, **kwargs)
     kwargs.pop("config", None)
     want = naive.attention_column_sums(q, k, pos, lse, **kwargs)
@@ -78,7 +83,7 @@ def check_against_twin(run, q, k, pos, lse=None, **kwargs):
     assert got.shape == (B, Hkv, S) and got.dtype == torch.float32 and got.is_contiguous()
     assert_close_sums(got, want, q.dtype, "column sums vs twin")
 
-    visible = naive.visibility_mask(pos, T, window)  # [B, T, S]
+    visible = naive.visibility_mask(pos, naive.resolve_query_slots(query_slots, q, k), window)  # [B, T, S]
     seeing_rows = torch.isfinite(lse).reshape(B, Hkv, Hq // Hkv, T).sum(dim=(2, 3)).float()
     torch.testing.assert_close(got.sum(-1), seeing_rows, rtol=1e-4, atol=1e-4)
     unseen = ~visible.any(dim=1)  # [B, S]
@@ -91,7 +96,8 @@ def check_against_twin(run, q, k, pos, lse=None, **kwargs):
 # --------------------------------------------------------------------------- #
 
 
-def test_twin_matches_a_per_pair_loop():
+@pytest.mark.parametrize("empty_slots", [None, 4], ids=["last-slots", "shuffled-slots"])
+def test_twin_matches_a_per_pair_loop(empty_slots):
     """naive.attention_column_sums against probabilities written one (query, key) pair at a time."""
     torch.manual_seed(0)
     B, Hq, Hkv, T, S, D = 2, 4, 2, 5, 11, 6
@@ -100,17 +106,23 @@ def test_twin_matches_a_per_pair_loop():
     pos = torch.tensor([[3, -1, 0, 5, 1, 2, 6, 7, 8, 9, 10], [-1, -1, -1, -1, -1, -1, -1, -1, 0, 1, 2]])
     pos[1, -2] = -1  # a padding query inside the chunk: it sees nothing and adds nothing
     pos[1, -1] = 1
+    query_slots = None
+    if empty_slots:
+        pos, k, slot_of = shuffle_slots(pos, k, empty_slots=empty_slots)
+        query_slots = slot_of[:, -T:]
+        S = pos.shape[1]
+    slots = naive.resolve_query_slots(query_slots, q, k).tolist()
     scale = 0.37
     for window in (None, 4):
-        lse = pass_one_lse(q, k, pos, scale=scale, window=window)
-        got = naive.attention_column_sums(q, k, pos, lse, scale=scale, window=window)
+        lse = pass_one_lse(q, k, pos, scale=scale, window=window, query_slots=query_slots)
+        got = naive.attention_column_sums(q, k, pos, lse, query_slots=query_slots, scale=scale, window=window)
         for b in range(B):
             for kv in range(Hkv):
                 for j in range(S):
                     total = 0.0
                     for h in range(kv * (Hq // Hkv), (kv + 1) * (Hq // Hkv)):
                         for i in range(T):
-                            pq, pk = int(pos[b, S - T + i]), int(pos[b, j])
+                            pq, pk = int(pos[b, slots[b][i]]), int(pos[b, j])
                             if pk < 0 or pk > pq or (window is not None and pq - pk >= window):
                                 continue
                             seen = [
@@ -267,6 +279,46 @@ def test_window_of_one_sees_only_itself(poisoned_run):
 
 
 # --------------------------------------------------------------------------- #
+# New tokens in any slots (query_slots)
+# --------------------------------------------------------------------------- #
+
+
+def check_any_layout(run, q, k, pos, empty_slots, **kwargs):
+    """The call in the default layout, then with the slots shuffled (the new tokens anywhere, in no order,
+    ``empty_slots`` empty slots mixed in): the kernel must match the twin there (empty slots getting 0),
+    and every slot's sum must follow it to its new slot."""
+    T = q.shape[2]
+    twin_kwargs = {n: a for n, a in kwargs.items() if n != "config"}
+    lse = pass_one_lse(q, k, pos, scale=kwargs.get("scale"), window=kwargs.get("window"))
+    default = naive.attention_column_sums(q, k, pos, lse, **twin_kwargs)
+    pos, k, slot_of = shuffle_slots(pos, k, empty_slots=empty_slots)
+    got, _ = check_against_twin(run, q, k, pos, query_slots=slot_of[:, -T:], **kwargs)
+    moved = got.gather(2, slot_of[:, None, :].expand_as(default))
+    assert_close_sums(moved, default, q.dtype, "column sums in their new slots")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("C, T, window, empty_slots", ANY_SLOT_CASES)
+def test_new_tokens_in_any_slots(poisoned_run, dtype, C, T, window, empty_slots):
+    """The row walk's bounds by position, whatever the slots; sequence 1 is left-padded."""
+    torch.manual_seed(C + T + empty_slots)
+    Hq, Hkv, D = 4, 2, 64
+    q, k = qk(2, Hq, Hkv, T, C + T, D, dtype)
+    pos = chunk_positions(C, T)
+    check_any_layout(poisoned_run, q, k, pos, empty_slots, window=window, config=config_with(64, 64))
+
+
+@pytest.mark.parametrize("T", [1, 3])
+def test_decode_in_any_slot(poisoned_run, T):
+    """A decode step written into a hole in the middle of the cache, past empty capacity."""
+    torch.manual_seed(T)
+    B, Hq, Hkv, C, D = 2, 4, 1, 200, 64
+    q, k = qk(B, Hq, Hkv, T, C + T, D, torch.bfloat16)
+    pos = cache_positions(B, C, T, seen=260, holes=12, pad=(0, 30))
+    check_any_layout(poisoned_run, q, k, pos, 60)
+
+
+# --------------------------------------------------------------------------- #
 # Strides, scale
 # --------------------------------------------------------------------------- #
 
@@ -305,14 +357,18 @@ def config_id(config):
     return f"M{config.kwargs['BLOCK_M']}-N{config.kwargs['BLOCK_N']}-w{config.num_warps}-s{config.num_stages}"
 
 
+@pytest.mark.parametrize("empty_slots", [None, 20], ids=["last-slots", "shuffled-slots"])
 @pytest.mark.parametrize("config", COLUMN_SUM_CONFIGS, ids=config_id)
-def test_every_config_chunked_prefill(poisoned_run, config):
+def test_every_config_chunked_prefill(poisoned_run, config, empty_slots):
     """40 cache slots + 70 new tokens, G = 4, window 50: both skips and a partial key block."""
     torch.manual_seed(11)
     B, Hq, Hkv, C, T, D = 1, 4, 1, 40, 70, 64
     q, k = qk(B, Hq, Hkv, T, C + T, D, torch.float16)
     pos = cache_positions(B, C, T, seen=60, holes=6)
-    check_against_twin(poisoned_run, q, k, pos, window=50, config=config)
+    if empty_slots is None:
+        check_against_twin(poisoned_run, q, k, pos, window=50, config=config)
+    else:
+        check_any_layout(poisoned_run, q, k, pos, empty_slots, window=50, config=config)
 
 
 @pytest.mark.parametrize("config", COLUMN_SUM_CONFIGS, ids=config_id)
@@ -422,6 +478,9 @@ def column_sum_inputs(B=2, Hq=4, Hkv=2, T=3, S=7, D=16):
         (lambda a: a.update(window=0), "window must be a positive int"),
         (lambda a: a["pos"].__setitem__((0, 5), 2), "positions out of order"),
         (lambda a: a.update(lse=a["lse"].to("meta")), "one device"),
+        (lambda a: a.update(query_slots=torch.tensor([[4, 5]] * 2)), r"query_slots must have shape \[B, T\]"),
+        (lambda a: a.update(query_slots=torch.tensor([[4, 5, 7]] * 2)), r"every entry in \[0, S=7\)"),
+        (lambda a: a.update(query_slots=torch.tensor([[6, 5, 4]] * 2)), "positions out of order"),
     ],
 )
 def test_rejects_bad_input(mutate, message):
