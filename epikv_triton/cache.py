@@ -20,7 +20,9 @@ Capacity is allocated once, at the first chunk: ``budget + evict_every``
 slots, enough for decoding and for any chunk of at most ``evict_every``
 tokens, or ``budget + C`` when the first chunk (``C`` tokens) is the first of
 a prompt read in chunks (the declared prompt is longer than it: ``generate``
-declares it, a ``new_cache`` loop passes ``prompt_length``). A chunked read
+declares it, a ``new_cache`` loop passes ``prompt_length``), or
+``budget + max(C, evict_every)`` when the caller names its chunk length
+``C`` up front (``chunk_size``). A chunked read
 (``generate(..., prefill_chunk_size=C)`` or a loop) then never holds more
 than ``budget + max(C, evict_every)`` slots. Only a chunk longer than any
 planned for grows the buffers, once, to exactly what it needs
@@ -78,12 +80,17 @@ class SlotCache:
         num_layers: int,
         prompt_lengths: Sequence[int] | None = None,
         expected_length: int | None = None,
+        chunk_size: int | None = None,
     ):
         self.config = config
         self.num_layers = num_layers
         # Tokens per sequence the caller expects to stream (generate knows it): lets ``full``
         # allocate once instead of growing geometrically.
         self.expected_length = expected_length
+        if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        # The longest chunk the caller will feed (a chunked read): room for it is allocated up front.
+        self.chunk_size = chunk_size
         self.declared_prompt_lengths = None if prompt_lengths is None else [int(n) for n in prompt_lengths]
         if config.keep_prompt and config.evicts and self.declared_prompt_lengths is not None:
             check_prompt_fits(config, self.declared_prompt_lengths)
@@ -285,7 +292,7 @@ class SlotCache:
     def _capacity_for(self, num_tokens: int) -> int:
         needed = self.fill + num_tokens
         if self.config.evicts:
-            room = self.config.evict_every
+            room = max(self.config.evict_every, self.chunk_size or 0)
             if self.kv is None and self._prompt_continues():
                 room = max(room, num_tokens)  # every later chunk of the read fits beside the budget
             return max(self.config.budget + room, needed)

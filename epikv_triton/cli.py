@@ -221,7 +221,9 @@ def compare_one_model(args, session: Session, text: str | None) -> dict:
         progress.set_postfix_str(f"{method} {budget or ''}".strip())
         hf.patch(model, budget=budget or max(budgets), method=method, keep_prompt=args.keep_prompt)
         try:
-            cache_factory = lambda: hf.new_cache(model, expected_length=context.shape[1] + continuation.shape[1])  # noqa: E731
+            cache_factory = lambda: hf.new_cache(  # noqa: E731
+                model, expected_length=context.shape[1] + continuation.shape[1], chunk_size=chunk
+            )
             if text is None:
                 run = evaluation.greedy_generation(model, inputs, new_tokens)
                 scored = evaluation.teacher_forced(model, context, continuation, cache_factory, chunk)

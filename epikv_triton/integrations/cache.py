@@ -68,8 +68,9 @@ class EpiKVCache(Cache):
         num_layers: int,
         prompt_lengths: Sequence[int] | None = None,
         expected_length: int | None = None,
+        chunk_size: int | None = None,
     ):
-        self.slots = SlotCache(config, num_layers, prompt_lengths, expected_length)
+        self.slots = SlotCache(config, num_layers, prompt_lengths, expected_length, chunk_size)
         super().__init__(layers=[EpiKVLayer(self.slots, i) for i in range(num_layers)])
 
     @property

@@ -60,8 +60,13 @@ class _Patch:
     attention_modules: list[nn.Module] = field(default_factory=list)
     active: EpiKVCache | None = None  # the cache of the forward pass in progress
 
-    def new_cache(self, prompt_lengths: Sequence[int] | None = None, expected_length: int | None = None) -> EpiKVCache:
-        return EpiKVCache(self.config, self.num_layers, prompt_lengths, expected_length)
+    def new_cache(
+        self,
+        prompt_lengths: Sequence[int] | None = None,
+        expected_length: int | None = None,
+        chunk_size: int | None = None,
+    ) -> EpiKVCache:
+        return EpiKVCache(self.config, self.num_layers, prompt_lengths, expected_length, chunk_size)
 
 
 _PATCHES: "weakref.WeakKeyDictionary[nn.Module, _Patch]" = weakref.WeakKeyDictionary()
@@ -135,6 +140,7 @@ def new_cache(
     model: nn.Module,
     prompt_length: int | Sequence[int] | None = None,
     expected_length: int | None = None,
+    chunk_size: int | None = None,
 ) -> EpiKVCache:
     """A fresh bounded cache for a hand-written forward loop over ``model`` (patched).
 
@@ -145,14 +151,16 @@ def new_cache(
     ``keep_prompt=True`` how much to protect when the prompt is read in several
     chunks; by default the first chunk is the prompt. ``expected_length`` (tokens
     per sequence the loop will feed) lets ``method="full"`` allocate once
-    instead of growing.
+    instead of growing. ``chunk_size`` (the longest chunk the loop will feed)
+    makes the cache allocate ``budget + max(chunk_size, evict_every)`` slots
+    once, so a chunked read never grows it and never holds two buffers.
     """
     state = _PATCHES.get(model)
     if state is None:
         raise ValueError("new_cache needs a model patched by epikv_triton.patch(model, ...)")
     if isinstance(prompt_length, int):
         prompt_length = [prompt_length]
-    return state.new_cache(prompt_length, expected_length)
+    return state.new_cache(prompt_length, expected_length, chunk_size)
 
 
 # ---------------------------------------------------------------- forward path
@@ -238,7 +246,11 @@ def _generate(state: _Patch, model: nn.Module, original: Any, *args: Any, **kwar
             # generate repeats each prompt num_return_sequences times before the prefill.
             copies = generation_config.num_return_sequences or 1
             prompt_lengths = [n for n in prompt_lengths for _ in range(copies)]
-        cache = state.new_cache(prompt_lengths, _expected_length(args, kwargs, generation_config))
+        cache = state.new_cache(
+            prompt_lengths,
+            _expected_length(args, kwargs, generation_config),
+            getattr(generation_config, "prefill_chunk_size", None),
+        )
     kwargs[state.cache_keyword] = cache
     return original(*args, **kwargs)
 

@@ -82,14 +82,29 @@ class KVAllocations:
 CHUNKED_BUDGET, CHUNK, LONG_PROMPT = 256, 128, 2000
 
 
-@pytest.mark.parametrize("reader", ["generate", "new_cache loop"])
+def read_in_chunks(model, ids: torch.Tensor, chunk: int) -> None:
+    """A loop that names only its chunk length: no prompt length, so the first chunk is the prompt."""
+    cache = epikv_triton.new_cache(model, chunk_size=chunk)
+    for start in range(0, ids.shape[1], chunk):
+        model(input_ids=ids[:, start : start + chunk], **cached(cache), use_cache=True)
+
+
+@pytest.mark.parametrize("reader", ["generate", "new_cache loop", "new_cache loop, chunk_size only"])
 def test_chunked_read_never_holds_more_than_budget_plus_chunk(monkeypatch, reader):
     model = patched_copy(tiny_model("llama"), budget=CHUNKED_BUDGET, keep_prompt=False)
     allocations = KVAllocations(monkeypatch, num_layers=3)
     inputs = prompts(1, length=LONG_PROMPT)
     if reader == "generate":
         greedy(model, inputs, 4, prefill_chunk_size=CHUNK)
-    else:
+    elif reader == "new_cache loop":
         forward_loop(model, inputs, CHUNK, 4)
-    assert allocations.count >= 1
+    else:
+        read_in_chunks(model, inputs["input_ids"], CHUNK)
+    assert allocations.count == 1, "the K/V buffer was allocated more than once"
     assert allocations.peak_live_slots <= CHUNKED_BUDGET + CHUNK
+
+
+def test_chunk_size_must_be_positive():
+    model = patched_copy(tiny_model("llama"), budget=CHUNKED_BUDGET)
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+        epikv_triton.new_cache(model, chunk_size=0)
