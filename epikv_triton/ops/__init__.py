@@ -50,6 +50,7 @@ def slot_attention(
     with_deltas: bool = True,
     return_lse: bool = False,
     num_splits: int | None = None,
+    slot_count: torch.Tensor | None = None,
     check_positions: bool = True,
 ) -> AttentionResult:
     """Attention of ``T`` new tokens over ``S`` key slots, with delta norms.
@@ -67,14 +68,19 @@ def slot_attention(
     with the key/value in token ``t - 1``'s query slot. ``num_splits`` caps how
     many contiguous key splits run in parallel (split-K: each launched split
     gets keys, so fewer may run); ``None`` picks it from the shape and the GPU.
+    ``slot_count [B]`` int32/int64 (device): the slots in use; slots
+    ``>= slot_count`` are empty whatever ``pos`` holds (as keys and as query
+    slots) and the kernel skips their key tiles without a host read, so a
+    static-shape step over the whole buffer costs only its fill.
     ``check_positions`` validates positions and query slots on the host (host
     syncs); engines that build them themselves, and compiled code, pass ``False``.
     Returns :class:`AttentionResult` ``(out, dk, dv, lse)``.
     """
-    check_attention(q, k, v, pos, query_slots, window, prev_k, prev_v, num_splits, check_positions)
+    check_attention(q, k, v, pos, query_slots, window, prev_k, prev_v, num_splits, slot_count, check_positions)
     attention = _routed(_library.slot_attention_op, _library.slot_attention)
     out, dk, dv, lse = attention(
-        q, k, v, pos, query_slots, _optional_float(scale), window, prev_k, prev_v, with_deltas, return_lse, num_splits
+        q, k, v, pos, query_slots, _optional_float(scale), window, prev_k, prev_v, with_deltas, return_lse, num_splits,
+        slot_count,
     )
     if not with_deltas:
         dk = dv = None
@@ -90,20 +96,21 @@ def attention_column_sums(
     query_slots: torch.Tensor | None = None,
     scale: float | None = None,
     window: int | None = None,
+    slot_count: torch.Tensor | None = None,
     check_positions: bool = True,
 ) -> torch.Tensor:
     """H2O scores: attention probability per key slot, summed over queries and group heads.
 
     ``q [B, Hq, T, D]``, ``k [B, Hkv, S, D]`` (one float dtype), ``pos [B, S]``,
-    ``query_slots [B, T]`` and ``window`` exactly as passed to
+    ``query_slots [B, T]``, ``window`` and ``slot_count [B]`` exactly as passed to
     :func:`slot_attention`, and ``lse [B, Hq, T]`` float32 from that call
     (``return_lse=True``). Returns ``[B, Hkv, S]`` float32; see
     :func:`.naive.attention_column_sums`. The Triton path never materialises
     the attention matrix. ``check_positions`` as for :func:`slot_attention`.
     """
-    check_column_sums(q, k, pos, lse, query_slots, window, check_positions)
+    check_column_sums(q, k, pos, lse, query_slots, window, slot_count, check_positions)
     column_sums = _routed(_library.attention_column_sums_op, _library.attention_column_sums)
-    return column_sums(q, k, pos, lse, query_slots, _optional_float(scale), window)
+    return column_sums(q, k, pos, lse, query_slots, _optional_float(scale), window, slot_count)
 
 
 def rolling_zscore(

@@ -70,12 +70,13 @@ def slot_attention(
     with_deltas: bool,
     return_lse: bool,
     num_splits: int | None,
+    slot_count: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(out, dk, dv, lse)``; ``dk``/``dv`` (without ``with_deltas``) and ``lse`` (without
     ``return_lse``) are empty. Inputs are validated by :func:`epikv_triton.ops.slot_attention`."""
     kwargs = dict(
         query_slots=query_slots, scale=scale, window=window, prev_k=prev_k, prev_v=prev_v,
-        with_deltas=with_deltas, return_lse=return_lse, num_splits=num_splits,
+        with_deltas=with_deltas, return_lse=return_lse, num_splits=num_splits, slot_count=slot_count,
     )
     if backend_for(q) == "triton" and q.shape[-1] <= MAX_TRITON_HEAD_DIM:
         from .attention import slot_attention as launch
@@ -90,7 +91,7 @@ slot_attention_op = torch.library.custom_op("epikv_triton::slot_attention", slot
 
 
 @slot_attention_op.register_fake
-def _(q, k, v, pos, query_slots, scale, window, prev_k, prev_v, with_deltas, return_lse, num_splits):
+def _(q, k, v, pos, query_slots, scale, window, prev_k, prev_v, with_deltas, return_lse, num_splits, slot_count):
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
     out = q.new_empty((B, Hq, T, D))
@@ -108,9 +109,10 @@ def attention_column_sums(
     query_slots: torch.Tensor | None,
     scale: float | None,
     window: int | None,
+    slot_count: torch.Tensor | None,
 ) -> torch.Tensor:
     """``[B, Hkv, S]`` float32 H2O column sums; inputs validated by :func:`epikv_triton.ops.attention_column_sums`."""
-    kwargs = dict(query_slots=query_slots, scale=scale, window=window)
+    kwargs = dict(query_slots=query_slots, scale=scale, window=window, slot_count=slot_count)
     if backend_for(q) == "triton" and q.shape[-1] <= MAX_TRITON_HEAD_DIM:
         from .h2o import attention_column_sums as launch
 
@@ -124,7 +126,7 @@ attention_column_sums_op = torch.library.custom_op(
 
 
 @attention_column_sums_op.register_fake
-def _(q, k, pos, lse, query_slots, scale, window):
+def _(q, k, pos, lse, query_slots, scale, window, slot_count):
     B, Hkv, S = k.shape[:3]
     return q.new_empty((B, Hkv, S), dtype=torch.float32)
 
