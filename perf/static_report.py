@@ -228,6 +228,10 @@ def cases(D: int, dtype: torch.dtype) -> Iterator[Case]:
     yield Case(fwd.__name__, f"decode S={CACHE_SLOTS + 1}", fwd, attention.DECODE_CONFIGS, attend(decode, num_splits=1))
     yield Case(fwd.__name__, f"decode S={CACHE_SLOTS + 1} split", fwd, attention.DECODE_CONFIGS,
                attend(decode, num_splits=DECODE_SPLITS))
+    # The static-shape step: the whole buffer, its fill read from device memory.
+    slot_count = torch.tensor([CACHE_SLOTS // 2], dtype=torch.int32)
+    yield Case(fwd.__name__, f"decode S={CACHE_SLOTS + 1} split slot_count", fwd, attention.DECODE_CONFIGS,
+               attend(decode, num_splits=DECODE_SPLITS, slot_count=slot_count))
     combine = attention._combine_splits_kernel
     yield Case(combine.__name__, f"decode split={DECODE_SPLITS}", combine, attention.DECODE_CONFIGS[:1],
                attend(decode, num_splits=DECODE_SPLITS), fixed_config_name=f"R{attention.COMBINE_ROWS}-w4")
@@ -239,6 +243,9 @@ def cases(D: int, dtype: torch.dtype) -> Iterator[Case]:
                lambda config: h2o.attention_column_sums(prefill[0], prefill[1], prefill[3], lse_prefill, config=config))
     yield Case(columns.__name__, f"decode S={CACHE_SLOTS + 1}", columns, h2o.COLUMN_SUM_CONFIGS,
                lambda config: h2o.attention_column_sums(decode[0], decode[1], decode[3], lse_decode, config=config))
+    yield Case(columns.__name__, f"decode S={CACHE_SLOTS + 1} slot_count", columns, h2o.COLUMN_SUM_CONFIGS,
+               lambda config: h2o.attention_column_sums(decode[0], decode[1], decode[3], lse_decode,
+                                                        slot_count=slot_count, config=config))
 
     bands, window = 2, 64
     values = torch.zeros(1, bands, 1)

@@ -91,6 +91,23 @@ def cache_positions(B, cache_slots, T, seen, holes=0, pad=()):
     return torch.stack(rows).to(device())
 
 
+def buffer_in_use(counts, capacity, T, seen):
+    """``(pos, query_slots, slot_count)`` of a static-shape step over a buffer of ``capacity`` slots.
+
+    Sequence ``b`` uses its first ``counts[b]`` slots: a shuffled cache of positions ``< seen`` with the
+    ``T`` new tokens (positions ``seen..``) in its last ``T`` slots. The slots past ``counts[b]`` hold
+    stale but real-looking positions (what a compaction leaves), so only ``slot_count`` can hide them.
+    """
+    rows, slots = [], []
+    for used in counts:
+        cache = torch.randperm(seen)[: used - T]
+        stale = torch.randint(0, seen + T, (capacity - used,))
+        rows.append(torch.cat([cache, torch.arange(seen, seen + T), stale]))
+        slots.append(torch.arange(used - T, used))
+    slot_count = torch.tensor(counts, dtype=torch.int32)
+    return torch.stack(rows).to(device()), torch.stack(slots).to(device()), slot_count.to(device())
+
+
 def shuffle_slots(pos, *planes, empty_slots=0):
     """The same keys in another slot layout, with the new tokens' slots made explicit.
 

@@ -18,33 +18,22 @@ Backend: Triton when the tensors are on a GPU or ``TRITON_INTERPRET=1``,
 otherwise the PyTorch twin. ``EPIKV_BACKEND=triton|torch`` forces one. A
 shape or dtype the kernels do not cover (``head_dim > 256``) runs the twin.
 Layouts are documented on each function in :mod:`.naive`; any strides work.
+
+Under ``torch.compile`` the ops with a kernel are custom ops (see
+:mod:`._library`), so a compiled caller traces through every op here with no
+graph break; pass ``check_positions=False`` there (that check reads device data).
 """
 
 from __future__ import annotations
 
-import os
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
-from . import naive
+from . import _library, naive
 from ._checks import check_attention, check_column_sums, check_compact, check_plan, check_select, check_zscore
+from ._library import backend_for
 from .naive import AttentionResult
-
-MAX_TRITON_HEAD_DIM = 256
-
-
-def backend_for(x: torch.Tensor) -> str:
-    """``"triton"`` or ``"torch"``: which implementation runs for tensors like ``x``."""
-    forced = os.environ.get("EPIKV_BACKEND", "").strip().lower()
-    if forced not in ("", "triton", "torch"):
-        raise ValueError(f"EPIKV_BACKEND must be 'triton' or 'torch', got {forced!r}")
-    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    if forced == "triton" and not (x.is_cuda or interpret):
-        raise ValueError("EPIKV_BACKEND=triton needs GPU tensors, or TRITON_INTERPRET=1 to run the kernels on CPU")
-    if forced:
-        return forced
-    return "triton" if (x.is_cuda or interpret) else "torch"
 
 
 def slot_attention(
@@ -61,6 +50,7 @@ def slot_attention(
     with_deltas: bool = True,
     return_lse: bool = False,
     num_splits: int | None = None,
+    slot_count: torch.Tensor | None = None,
     check_positions: bool = True,
 ) -> AttentionResult:
     """Attention of ``T`` new tokens over ``S`` key slots, with delta norms.
@@ -78,20 +68,23 @@ def slot_attention(
     with the key/value in token ``t - 1``'s query slot. ``num_splits`` caps how
     many contiguous key splits run in parallel (split-K: each launched split
     gets keys, so fewer may run); ``None`` picks it from the shape and the GPU.
+    ``slot_count [B]`` int32/int64 (device): the slots in use; slots
+    ``>= slot_count`` are empty whatever ``pos`` holds (as keys and as query
+    slots) and the kernel skips their key tiles without a host read, so a
+    static-shape step over the whole buffer costs only its fill.
     ``check_positions`` validates positions and query slots on the host (host
-    syncs); engines that build them themselves pass ``False``.
+    syncs); engines that build them themselves, and compiled code, pass ``False``.
     Returns :class:`AttentionResult` ``(out, dk, dv, lse)``.
     """
-    check_attention(q, k, v, pos, query_slots, window, prev_k, prev_v, num_splits, check_positions)
-    kwargs = dict(
-        query_slots=query_slots, scale=scale, window=window, prev_k=prev_k, prev_v=prev_v,
-        with_deltas=with_deltas, return_lse=return_lse, num_splits=num_splits,
+    check_attention(q, k, v, pos, query_slots, window, prev_k, prev_v, num_splits, slot_count, check_positions)
+    attention = _routed(_library.slot_attention_op, _library.slot_attention)
+    out, dk, dv, lse = attention(
+        q, k, v, pos, query_slots, _optional_float(scale), window, prev_k, prev_v, with_deltas, return_lse, num_splits,
+        slot_count,
     )
-    if backend_for(q) == "triton" and q.shape[-1] <= MAX_TRITON_HEAD_DIM:
-        from .attention import slot_attention as triton_attention
-
-        return triton_attention(q, k, v, pos, **kwargs)
-    return naive.slot_attention(q, k, v, pos, **kwargs)
+    if not with_deltas:
+        dk = dv = None
+    return AttentionResult(out, dk, dv, lse if return_lse else None)
 
 
 def attention_column_sums(
@@ -103,24 +96,21 @@ def attention_column_sums(
     query_slots: torch.Tensor | None = None,
     scale: float | None = None,
     window: int | None = None,
+    slot_count: torch.Tensor | None = None,
     check_positions: bool = True,
 ) -> torch.Tensor:
     """H2O scores: attention probability per key slot, summed over queries and group heads.
 
     ``q [B, Hq, T, D]``, ``k [B, Hkv, S, D]`` (one float dtype), ``pos [B, S]``,
-    ``query_slots [B, T]`` and ``window`` exactly as passed to
+    ``query_slots [B, T]``, ``window`` and ``slot_count [B]`` exactly as passed to
     :func:`slot_attention`, and ``lse [B, Hq, T]`` float32 from that call
     (``return_lse=True``). Returns ``[B, Hkv, S]`` float32; see
     :func:`.naive.attention_column_sums`. The Triton path never materialises
     the attention matrix. ``check_positions`` as for :func:`slot_attention`.
     """
-    check_column_sums(q, k, pos, lse, query_slots, window, check_positions)
-    kwargs = dict(query_slots=query_slots, scale=scale, window=window)
-    if backend_for(q) == "triton" and q.shape[-1] <= MAX_TRITON_HEAD_DIM:
-        from .h2o import attention_column_sums as triton_column_sums
-
-        return triton_column_sums(q, k, pos, lse, **kwargs)
-    return naive.attention_column_sums(q, k, pos, lse, **kwargs)
+    check_column_sums(q, k, pos, lse, query_slots, window, slot_count, check_positions)
+    column_sums = _routed(_library.attention_column_sums_op, _library.attention_column_sums)
+    return column_sums(q, k, pos, lse, query_slots, _optional_float(scale), window, slot_count)
 
 
 def rolling_zscore(
@@ -136,11 +126,7 @@ def rolling_zscore(
     See :func:`.naive.rolling_zscore` for the exact definition.
     """
     check_zscore(values, ring, count, weights, eps)
-    if backend_for(values) == "triton":
-        from .zscore import rolling_zscore as triton_zscore
-
-        return triton_zscore(values, ring, count, weights, eps=eps)
-    return naive.rolling_zscore(values, ring, count, weights, eps=eps)
+    return _routed(_library.rolling_zscore_op, _library.rolling_zscore)(values, ring, count, weights, float(eps))
 
 
 def select_slots(
@@ -182,12 +168,7 @@ def compact_slots_(kv: torch.Tensor, pos: torch.Tensor, scores: torch.Tensor, de
     what it evicts; see :mod:`.compaction` for the kernel.
     """
     check_compact(kv, pos, scores, destination)
-    if backend_for(kv) == "triton":
-        from .compaction import compact_slots_ as triton_compact
-
-        triton_compact(kv, pos, scores, destination)
-    else:
-        naive.compact_slots_(kv, pos, scores, destination)
+    _routed(_library.compact_slots_op, _library.compact_slots_)(kv, pos, scores, destination)
 
 
 def evict_(
@@ -209,6 +190,18 @@ def evict_(
     destination = compaction_plan(keep, min(budget, keep.shape[1]))
     compact_slots_(kv, pos, scores, destination)
     return destination
+
+
+def _routed(op: torch.library.CustomOpDef, implementation: Callable) -> Callable:
+    """The registered custom op while ``torch.compile`` traces (one graph node, no break), else its
+    implementation called directly: the dispatcher round trip costs 10 to 20 µs of host time a call,
+    as much as a kernel launch, and an eager decode step makes dozens of these calls."""
+    return op if torch.compiler.is_compiling() else implementation
+
+
+def _optional_float(x: float | None) -> float | None:
+    """A scale as the op schema's ``float?`` wants it (a caller may pass an int)."""
+    return None if x is None else float(x)
 
 
 __all__ = [

@@ -7,6 +7,8 @@ from typing import Sequence
 
 import torch
 
+from .naive import slots_in_use
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INT_DTYPES = (torch.int32, torch.int64)
 
@@ -42,6 +44,7 @@ def check_queries_over_slots(
     pos: torch.Tensor,
     query_slots: torch.Tensor | None,
     window: int | None,
+    slot_count: torch.Tensor | None,
     **companions: torch.Tensor | None,
 ) -> tuple[int, int, int, int, int, int]:
     """What every attention-shaped op requires; returns ``(B, Hq, Hkv, T, S, D)``.
@@ -49,16 +52,19 @@ def check_queries_over_slots(
     ``q [B, Hq, T, D]`` and ``k [B, Hkv, S, D]`` of one float dtype with
     ``Hq`` a multiple of ``Hkv`` and ``T >= 1``, ``pos [B, S]`` int32/int64,
     ``query_slots`` None (then ``S >= T``: the last ``T`` slots) or ``[B, T]``
-    int32/int64, ``window`` None or a positive int; ``companions`` (the op's
-    other tensors, None when absent) share the device. Positions and slots are
-    not read here (see :func:`check_query_positions`).
+    int32/int64, ``window`` None or a positive int, ``slot_count`` None or
+    ``[B]`` int32/int64; ``companions`` (the op's other tensors, None when
+    absent) share the device. Positions, slots and slot counts are not read
+    here (see :func:`check_query_positions`).
     """
     require_tensor("q", q, 4, FLOAT_DTYPES)
     require_tensor("k", k, 4, FLOAT_DTYPES)
     require_tensor("pos", pos, 2, INT_DTYPES)
     if query_slots is not None:
         require_tensor("query_slots", query_slots, 2, INT_DTYPES)
-    require_same_device(q=q, k=k, pos=pos, query_slots=query_slots, **companions)
+    if slot_count is not None:
+        require_tensor("slot_count", slot_count, 1, INT_DTYPES)
+    require_same_device(q=q, k=k, pos=pos, query_slots=query_slots, slot_count=slot_count, **companions)
     if q.dtype != k.dtype:
         raise ValueError(f"q and k must share one dtype; got {q.dtype} and {k.dtype}")
     B, Hq, T, D = q.shape
@@ -81,6 +87,8 @@ def check_queries_over_slots(
     require_shape("pos", pos, (B, S), "[B, S]")
     if query_slots is not None:
         require_shape("query_slots", query_slots, (B, T), "[B, T] (one key slot per query token)")
+    if slot_count is not None:
+        require_shape("slot_count", slot_count, (B,), "[B] (slots in use per sequence)")
     if window is not None and (not isinstance(window, int) or window < 1):
         raise ValueError(f"window must be a positive int or None, got {window!r}")
     return B, Hq, Hkv, T, S, D
@@ -96,11 +104,12 @@ def check_attention(
     prev_k: torch.Tensor | None,
     prev_v: torch.Tensor | None,
     num_splits: int | None,
+    slot_count: torch.Tensor | None,
     check_positions: bool,
 ) -> None:
     require_tensor("v", v, 4, FLOAT_DTYPES)
     B, _, Hkv, T, S, D = check_queries_over_slots(
-        q, k, pos, query_slots, window, v=v, prev_k=prev_k, prev_v=prev_v
+        q, k, pos, query_slots, window, slot_count, v=v, prev_k=prev_k, prev_v=prev_v
     )
     if v.dtype != q.dtype:
         raise ValueError(f"q, k and v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
@@ -112,7 +121,7 @@ def check_attention(
     if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
     if check_positions:
-        check_query_positions(pos, query_slots, T)
+        check_query_positions(slots_in_use(pos, slot_count), query_slots, T)
 
 
 def check_query_positions(pos: torch.Tensor, query_slots: torch.Tensor | None, num_queries: int) -> None:
@@ -225,12 +234,13 @@ def check_column_sums(
     lse: torch.Tensor,
     query_slots: torch.Tensor | None,
     window: int | None,
+    slot_count: torch.Tensor | None,
     check_positions: bool,
 ) -> None:
-    """Inputs of ``attention_column_sums``: ``q``/``k``/``pos``/``query_slots`` as for attention,
-    ``lse [B, Hq, T]`` float32."""
+    """Inputs of ``attention_column_sums``: ``q``/``k``/``pos``/``query_slots``/``slot_count`` as for
+    attention, ``lse [B, Hq, T]`` float32."""
     require_tensor("lse", lse, 3, (torch.float32,))
-    B, Hq, _, T, _, _ = check_queries_over_slots(q, k, pos, query_slots, window, lse=lse)
+    B, Hq, _, T, _, _ = check_queries_over_slots(q, k, pos, query_slots, window, slot_count, lse=lse)
     require_shape("lse", lse, (B, Hq, T), "[B, Hq, T] like q (slot_attention's lse)")
     if check_positions:
-        check_query_positions(pos, query_slots, T)
+        check_query_positions(slots_in_use(pos, slot_count), query_slots, T)

@@ -14,6 +14,9 @@ Layouts and dtypes (any strides for the inputs; nothing big is copied):
   ``pos[:, query_slots[:, t]]``. ``None``: the last ``T`` slots.
 * ``prev_k``, ``prev_v``: optional ``[B, Hkv, D]`` (any float dtype), the key and
   value of the token before the first new one.
+* ``slot_count``: optional ``[B]`` int32 or int64 on the device, the slots in
+  use: slots ``>= slot_count`` are empty as keys and as query slots, and no
+  program loads a key tile (or scans a position) past it.
 * Returns ``out [B, Hq, T, D]`` in ``q.dtype`` (fresh, contiguous),
   ``dk``/``dv [B, Hkv, T]`` float32 and ``lse [B, Hq, T]`` float32 (natural log).
 
@@ -132,12 +135,12 @@ AUTOTUNE_KEY = [
 
 @triton.jit
 def _attention_fwd_kernel(
-    Q, K, V, POS, QUERY_SLOTS, OUT, LSE, DK, DV, PREV_K, PREV_V,
+    Q, K, V, POS, QUERY_SLOTS, SLOT_COUNT, OUT, LSE, DK, DV, PREV_K, PREV_V,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_pb, stride_ps,
-    stride_sb, stride_st,
+    stride_sb, stride_st, stride_cb,
     stride_ob, stride_oh, stride_ot, stride_od, stride_osplit,
     stride_lb, stride_lh, stride_lt, stride_lsplit,
     stride_pkb, stride_pkh, stride_pkd,
@@ -146,7 +149,7 @@ def _attention_fwd_kernel(
     qk_scale, window, keys_per_split,
     ROWS_BUCKET, KEYS_BUCKET, PROGRAMS_BUCKET, SPLITS_BUCKET,  # autotune key only
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, WRITE_LSE: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_SLOT_COUNT: tl.constexpr, WRITE_LSE: tl.constexpr,
     WITH_DELTAS: tl.constexpr, HAS_PREV_K: tl.constexpr, HAS_PREV_V: tl.constexpr,
     SKIP_BY_POSITION: tl.constexpr, SCAN_BLOCK: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -169,11 +172,16 @@ def _attention_fwd_kernel(
 
     pos_row = POS + b * stride_pb
     slot_row = QUERY_SLOTS + b * stride_sb
+    # Slots in use: [0, slot_end). Read from device memory, so a static-shape
+    # step over the whole buffer needs no host value to skip the empty tail.
+    slot_end = S
+    if HAS_SLOT_COUNT:
+        slot_end = tl.maximum(tl.minimum(tl.load(SLOT_COUNT + b * stride_cb).to(tl.int32), S), 0)
     # A query's position is its own slot's. Slots and positions are held as
-    # int32 (half the registers of int64; S < 2**31). Rows past the end read
-    # -1: they see nothing and are never stored.
+    # int32 (half the registers of int64; S < 2**31). Rows past the end, and
+    # query slots past the slots in use, read -1: they see nothing.
     query_slot = tl.load(slot_row + token * stride_st, mask=row_valid, other=0).to(tl.int32)
-    pos_q = tl.load(pos_row + query_slot * stride_ps, mask=row_valid, other=-1).to(tl.int32)
+    pos_q = tl.load(pos_row + query_slot * stride_ps, mask=row_valid & (query_slot < slot_end), other=-1).to(tl.int32)
     k_base = K + b * stride_kb + kv_head * stride_kh
     v_base = V + b * stride_vb + kv_head * stride_vh
 
@@ -201,7 +209,8 @@ def _attention_fwd_kernel(
     pos_q_max = tl.max(pos_q, axis=0)
 
     key_lo = split * keys_per_split
-    key_hi = tl.minimum(key_lo + keys_per_split, S)
+    # A split wholly past the slots in use gets an empty range (not a reversed one).
+    key_hi = tl.maximum(tl.minimum(key_lo + keys_per_split, slot_end), key_lo)
     if SKIP_BY_POSITION:
         # Real rows see positions in [earliest - window + 1, latest]; the scan
         # bounds the slots holding any, aligned to this split's key tiles.
@@ -401,6 +410,7 @@ def slot_attention(
     with_deltas: bool = True,
     return_lse: bool = False,
     num_splits: int | None = None,
+    slot_count: torch.Tensor | None = None,
     config: triton.Config | None = None,
 ) -> AttentionResult:
     """Triton twin of :func:`epikv_triton.ops.naive.slot_attention` (inputs already validated).
@@ -449,10 +459,11 @@ def slot_attention(
     prev_v_strides = prev_v.stride() if has_prev_v else (0, 0, 0)
 
     args = (
-        q, k, v, pos, query_slots, target_out, target_lse,
+        q, k, v, pos, query_slots, slot_count if slot_count is not None else pos, target_out, target_lse,
         dk if dk is not None else out, dv if dv is not None else out,
         prev_k_arg, prev_v_arg,
         *q.stride(), *k.stride(), *v.stride(), *pos.stride(), *query_slots.stride(),
+        slot_count.stride(0) if slot_count is not None else 0,
         *out_strides, split_out_stride,
         *lse_strides, split_lse_stride,
         *prev_k_strides, *prev_v_strides,
@@ -463,6 +474,7 @@ def slot_attention(
     constants = dict(
         BLOCK_D=max(16, triton.next_power_of_2(D)),
         HAS_WINDOW=window is not None,
+        HAS_SLOT_COUNT=slot_count is not None,
         WRITE_LSE=write_lse,
         WITH_DELTAS=with_deltas,
         HAS_PREV_K=has_prev_k,

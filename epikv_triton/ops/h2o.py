@@ -21,6 +21,9 @@ Same contract as :func:`epikv_triton.ops.naive.attention_column_sums`:
   positions prove every pair visible skips the mask.
 * ``lse``: ``[B, Hq, T]`` float32, any strides (what ``slot_attention`` returns);
   a row with ``lse = −inf`` saw no key and contributes nothing.
+* ``slot_count``: optional ``[B]`` int32/int64 on the device, the slots in use:
+  slots ``>= slot_count`` are empty as keys and as query slots; a key block
+  past it loads no key and walks no row (its sums are 0).
 * Returns ``[B, Hkv, S]`` float32, contiguous: for every key slot the summed
   probability over the ``T`` queries and the ``G`` query heads of its group.
 
@@ -94,17 +97,18 @@ AUTOTUNE_KEY = ["BLOCK_D", "G", "ROWS_BUCKET", "KEYS_BUCKET", "PROGRAMS_BUCKET",
 
 @triton.jit
 def _column_sums_kernel(
-    Q, K, POS, QUERY_SLOTS, LSE, OUT,
+    Q, K, POS, QUERY_SLOTS, SLOT_COUNT, LSE, OUT,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_pb, stride_ps,
-    stride_sb, stride_st,
+    stride_sb, stride_st, stride_cb,
     stride_lb, stride_lh, stride_lt,
     T, S, D, G, Hkv,
     qk_scale, window,
     ROWS_BUCKET, KEYS_BUCKET, PROGRAMS_BUCKET,  # autotune key only
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, SCAN_BLOCK: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_SLOT_COUNT: tl.constexpr, SCAN_BLOCK: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -113,14 +117,19 @@ def _column_sums_kernel(
     kv_head = (pid_bh % Hkv).to(tl.int64)
     num_rows = T * G
 
+    # Slots in use: [0, slot_end), read from device memory (see the module docstring).
+    slot_end = S
+    if HAS_SLOT_COUNT:
+        slot_end = tl.maximum(tl.minimum(tl.load(SLOT_COUNT + b * stride_cb).to(tl.int32), S), 0)
     block_start = pid_n * BLOCK_N
     keys = block_start + tl.arange(0, BLOCK_N)
-    key_valid = keys < S
+    key_stored = keys < S
+    key_valid = keys < slot_end
     dims = tl.arange(0, BLOCK_D)
     dim_valid = dims < D
 
     pos_row = POS + b * stride_pb
-    # Positions are held as int32. Slots past the end read -1: never visible, never stored.
+    # Positions are held as int32. Slots past those in use read -1: never visible (and past S, never stored).
     pos_k = tl.load(pos_row + keys * stride_ps, mask=key_valid, other=-1).to(tl.int32)
 
     # Tokens that can see any key of this block (see the module docstring).
@@ -131,7 +140,7 @@ def _column_sums_kernel(
     else:
         latest_seeing = 2147483647
     token_lo, token_hi = _seeing_token_range(
-        pos_row, stride_ps, slot_row, stride_st, T, oldest_key, latest_seeing, SCAN_BLOCK,
+        pos_row, stride_ps, slot_row, stride_st, T, slot_end, oldest_key, latest_seeing, SCAN_BLOCK,
     )
 
     # Loaded after the scan, so its registers are not live during it; transposed
@@ -151,10 +160,11 @@ def _column_sums_kernel(
         row_valid = rows < num_rows
         token = rows // G
         q_head = kv_head * G + rows % G
-        # A query's position is its own slot's. Rows past the end read position
-        # -1 and lse -inf: they see nothing.
+        # A query's position is its own slot's. Rows past the end (and query
+        # slots past the slots in use) read position -1 and lse -inf: they see nothing.
         query_slot = tl.load(slot_row + token * stride_st, mask=row_valid, other=0).to(tl.int32)
-        pos_q = tl.load(pos_row + query_slot * stride_ps, mask=row_valid, other=-1).to(tl.int32)
+        pos_q = tl.load(pos_row + query_slot * stride_ps, mask=row_valid & (query_slot < slot_end), other=-1)
+        pos_q = pos_q.to(tl.int32)
         lse = tl.load(lse_base + q_head * stride_lh + token * stride_lt, mask=row_valid, other=float("-inf"))
         q = tl.load(
             q_base + q_head[:, None] * stride_qh + token[:, None] * stride_qt + dims[None, :] * stride_qd,
@@ -177,20 +187,23 @@ def _column_sums_kernel(
         column_sums += tl.sum(tl.exp2(logits), axis=0)
 
     # Every slot of the block is written, 0 where nothing looked at it.
-    tl.store(OUT + pid_bh.to(tl.int64) * S + keys, column_sums, mask=key_valid)
+    tl.store(OUT + pid_bh.to(tl.int64) * S + keys, column_sums, mask=key_stored)
 
 
 @triton.jit
-def _seeing_token_range(pos_row, stride_ps, slot_row, stride_st, T, oldest, latest, SCAN_BLOCK: tl.constexpr):
+def _seeing_token_range(
+    pos_row, stride_ps, slot_row, stride_st, T, slot_end, oldest, latest, SCAN_BLOCK: tl.constexpr
+):
     """``(lo, hi)``: every token whose position lies in ``[oldest, latest]`` is in ``[lo, hi)``; ``lo >= hi``
-    when none is. A token's position is its query slot's."""
+    when none is. A token's position is its query slot's (none past ``slot_end``)."""
     lo = T
     last = -1
     for start in range(0, T, SCAN_BLOCK):
         tokens = start + tl.arange(0, SCAN_BLOCK)
         valid = tokens < T
         query_slot = tl.load(slot_row + tokens * stride_st, mask=valid, other=0).to(tl.int32)
-        pos_q = tl.load(pos_row + query_slot * stride_ps, mask=valid, other=-1).to(tl.int32)
+        pos_q = tl.load(pos_row + query_slot * stride_ps, mask=valid & (query_slot < slot_end), other=-1)
+        pos_q = pos_q.to(tl.int32)
         seeing = (pos_q >= oldest) & (pos_q <= latest)
         lo = tl.minimum(lo, tl.min(tl.where(seeing, tokens, T), axis=0))
         last = tl.maximum(last, tl.max(tl.where(seeing, tokens, -1), axis=0))
@@ -214,6 +227,7 @@ def attention_column_sums(
     query_slots: torch.Tensor | None = None,
     scale: float | None = None,
     window: int | None = None,
+    slot_count: torch.Tensor | None = None,
     config: triton.Config | None = None,
 ) -> torch.Tensor:
     """Triton twin of :func:`epikv_triton.ops.naive.attention_column_sums` (inputs already validated).
@@ -231,8 +245,9 @@ def attention_column_sums(
     query_slots = resolve_query_slots(query_slots, q, k)
 
     args = (
-        q, k, pos, query_slots, lse, out,
-        *q.stride(), *k.stride(), *pos.stride(), *query_slots.stride(), *lse.stride(),
+        q, k, pos, query_slots, slot_count if slot_count is not None else pos, lse, out,
+        *q.stride(), *k.stride(), *pos.stride(), *query_slots.stride(),
+        slot_count.stride(0) if slot_count is not None else 0, *lse.stride(),
         T, S, D, G, Hkv,
         scale * LOG2_E, window if window is not None else 0,
         autotune_bucket(T * G), autotune_bucket(S), autotune_bucket(B * Hkv),
@@ -240,6 +255,7 @@ def attention_column_sums(
     constants = dict(
         BLOCK_D=max(16, triton.next_power_of_2(D)),
         HAS_WINDOW=window is not None,
+        HAS_SLOT_COUNT=slot_count is not None,
         SCAN_BLOCK=SCAN_BLOCK,
         UPCAST=INTERPRET,
         # Must match the forward kernel's scores, or exp(s − lse) drifts from

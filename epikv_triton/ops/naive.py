@@ -14,6 +14,9 @@ Layouts (shared with the kernels, see :mod:`epikv_triton.ops`):
   own key and value (so its position is ``pos[b, query_slots[b, t]]``); any
   slots, in any order, each in ``[0, S)``. ``None`` means the last ``T`` slots,
   in order (:func:`last_slots`).
+* ``slot_count``: optional ``[B]`` int32/int64, the slots in use: slots
+  ``>= slot_count[b]`` are empty whatever ``pos`` holds there, as keys and as
+  query slots (:func:`slots_in_use`). ``None``: every slot is in use.
 * Any strides are accepted.
 """
 
@@ -52,6 +55,15 @@ def resolve_query_slots(query_slots: torch.Tensor | None, q: torch.Tensor, k: to
     if query_slots is not None:
         return query_slots
     return last_slots(q.shape[0], q.shape[2], k.shape[2], q.device)
+
+
+def slots_in_use(pos: torch.Tensor, slot_count: torch.Tensor | None) -> torch.Tensor:
+    """``pos [B, S]`` with the slots at or past ``slot_count [B]`` marked empty (``-1``); ``pos`` itself
+    when ``slot_count`` is ``None``."""
+    if slot_count is None:
+        return pos
+    in_use = torch.arange(pos.shape[1], device=pos.device) < slot_count[:, None]
+    return torch.where(in_use, pos, -1)
 
 
 def visibility_mask(pos: torch.Tensor, query_slots: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -126,6 +138,7 @@ def slot_attention(
     with_deltas: bool = True,
     return_lse: bool = False,
     num_splits: int | None = None,
+    slot_count: torch.Tensor | None = None,
 ) -> AttentionResult:
     """Attention of the ``T`` new tokens (in ``query_slots``) over all ``S`` key slots, plus delta norms.
 
@@ -134,12 +147,14 @@ def slot_attention(
     value with those in the previous token's query slot (see :func:`delta_norms`). Softmax in float32; the output is cast
     to ``q.dtype``. A query that sees no key gets a zero output and ``lse = -inf``.
     ``num_splits`` only steers the Triton path's split-K; it is accepted and
-    ignored here so both backends share one signature.
+    ignored here so both backends share one signature. Slots at or past
+    ``slot_count`` are empty (:func:`slots_in_use`); the delta norms still read
+    the query slots' keys and values.
     """
     del num_splits
     B, Hq, T, D = q.shape
     query_slots = resolve_query_slots(query_slots, q, k)
-    scores = grouped_scores(q, k, pos, query_slots, scale, window)
+    scores = grouped_scores(q, k, slots_in_use(pos, slot_count), query_slots, scale, window)
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse.masked_fill(torch.isinf(lse), 0.0)[..., None])
     out = torch.matmul(probs, v.float()).reshape(B, Hq, T, D).to(q.dtype)
@@ -327,6 +342,7 @@ def attention_column_sums(
     query_slots: torch.Tensor | None = None,
     scale: float | None = None,
     window: int | None = None,
+    slot_count: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """H2O column sums: the attention probability each key slot receives, summed.
 
@@ -334,7 +350,7 @@ def attention_column_sums(
     ``pos``: ``[B, S]`` int and ``query_slots``: ``[B, T]`` int (see
     :func:`visibility_mask`); ``lse``: ``[B, Hq, T]`` float32 natural-log row
     normalisers, as :func:`slot_attention` returns them (``-inf``: the query saw
-    nothing and contributes nothing).
+    nothing and contributes nothing); ``slot_count`` as passed to it.
 
     Returns ``[B, Hkv, S]`` float32: for each key slot ``j``,
     ``Σ_{t, g} exp(scale · q[g, t] · k[j] − lse[g, t])`` over the ``T`` queries and
@@ -342,7 +358,7 @@ def attention_column_sums(
     Materialises the ``[B, Hq, T, S]`` probabilities (the eager H2O baseline).
     """
     B, Hkv, S = k.shape[:3]
-    scores = grouped_scores(q, k, pos, resolve_query_slots(query_slots, q, k), scale, window)
+    scores = grouped_scores(q, k, slots_in_use(pos, slot_count), resolve_query_slots(query_slots, q, k), scale, window)
     normaliser = lse.float().reshape(B, Hkv, -1, 1)
     # A query that saw nothing (lse = -inf) has every score at -inf too: give it a finite normaliser.
     probs = torch.exp(scores - normaliser.masked_fill(torch.isinf(normaliser), 0.0))
@@ -369,5 +385,6 @@ __all__ = [
     "resolve_query_slots",
     "rolling_zscore",
     "select_slots",
+    "slots_in_use",
     "visibility_mask",
 ]

@@ -44,6 +44,9 @@ def attention_inputs(B=2, Hq=4, Hkv=2, T=3, S=7, D=16, dtype=torch.float32):
         (lambda a: a.update(query_slots=torch.tensor([[-1, 5, 6]] * 2)), r"every entry in \[0, S=7\)"),
         (lambda a: a.update(query_slots=torch.tensor([[6, 5, 4]] * 2)), "positions out of order"),
         (lambda a: a.update(query_slots=torch.tensor([[4, 5, 6]] * 2, device="meta")), "one device"),
+        (lambda a: a.update(slot_count=torch.tensor([7, 7]).float()), "slot_count must have dtype"),
+        (lambda a: a.update(slot_count=torch.tensor([7, 7, 7])), r"slot_count must have shape \[B\]"),
+        (lambda a: a.update(slot_count=torch.tensor([7, 7], device="meta")), "one device"),
     ],
 )
 def test_attention_rejects_bad_input(mutate, message):
@@ -62,6 +65,8 @@ def test_attention_accepts_padding_and_unchecked_positions():
     ops.slot_attention(q, k, v, pos, query_slots=torch.tensor([[0, 3, 6], [2, 4, 6]], dtype=torch.int32))
     pos[0, 5] = 2  # out of order, but the caller vouches for its positions
     ops.slot_attention(q, k, v, pos, check_positions=False)
+    pos[0, 2:] = -5  # past sequence 0's two slots in use: empty whatever they hold, so not checked
+    ops.slot_attention(q, k, v, pos, slot_count=torch.tensor([2, 7], dtype=torch.int32))
 
 
 def zscore_inputs(B=2, NB=2, T=5, W=8):

@@ -15,7 +15,7 @@ import torch
 from epikv_triton.ops import attention, naive
 from epikv_triton.ops.attention import DECODE_CONFIGS, PREFILL_CONFIGS
 from tests.helpers import (
-    ANY_SLOT_CASES, assert_close_rms, cache_positions, chunk_positions, device, poisoning_runner,
+    ANY_SLOT_CASES, assert_close_rms, buffer_in_use, cache_positions, chunk_positions, device, poisoning_runner,
     prefill_positions, randn, shuffle_slots,
 )
 
@@ -393,6 +393,29 @@ def test_decode_in_any_slot(poisoned_allocations, num_splits, T):
         return_lse=True,
     )
     assert_blind_queries_are_zero(result, pos, query_slots)
+
+
+@pytest.mark.parametrize("T, num_splits", [(1, 1), (1, 5), (20, 1), (20, 3)], ids=["decode", "decode-split",
+                                                                                  "chunk", "chunk-split"])
+def test_slot_count_bounds_the_slots_in_use(poisoned_allocations, T, num_splits):
+    """Slots past ``slot_count`` are empty whatever their positions say: the kernel (decode and chunk
+    spaces, splits wholly past the count included) and the twin both equal the twin over positions
+    with those slots cleared; a query slot past the count is a blind query."""
+    torch.manual_seed(T + num_splits)
+    B, Hq, Hkv, S, D = 4, 4, 2, 300, 32
+    q, k, v = qkv(B, Hq, Hkv, T, S, D, torch.float32)
+    pos, query_slots, slot_count = buffer_in_use([T, 70, 150, S], S, T, seen=400)
+    slot_count[0] = 0  # sequence 0's new tokens lie past its count: blind
+    prev = vectors(B, Hkv, D, torch.float32)
+    kwargs = dict(query_slots=query_slots, prev_k=prev, prev_v=prev, return_lse=True)
+    result, twin = check_against_twin(
+        poisoned_allocations, q, k, v, pos, slot_count=slot_count, num_splits=num_splits, **kwargs
+    )
+    cleared = naive.slot_attention(q, k, v, naive.slots_in_use(pos, slot_count), **kwargs)
+    for got, want in zip(twin, cleared):
+        assert torch.equal(got, want)
+    assert bool((pos[1, 70:] >= 0).all()), "test setup: the slots past the count must look real"
+    assert bool((result.out[0] == 0).all()) and bool(torch.isneginf(result.lse[0]).all())
 
 
 def test_explicit_last_slots_equal_the_default(poisoned_allocations):

@@ -18,8 +18,8 @@ from epikv_triton import ops
 from epikv_triton.ops import h2o, naive
 from epikv_triton.ops.h2o import COLUMN_SUM_CONFIGS
 from tests.helpers import (
-    ANY_SLOT_CASES, cache_positions, chunk_positions, device, poisoning_runner, prefill_positions, randn,
-    shuffle_slots,
+    ANY_SLOT_CASES, buffer_in_use, cache_positions, chunk_positions, device, poisoning_runner, prefill_positions,
+    randn, shuffle_slots,
 )
 
 
@@ -191,6 +191,27 @@ def test_decode(poisoned_run, Hq, Hkv, dtype):
     q, k = qk(B, Hq, Hkv, 1, C + 1, D, dtype)
     pos = cache_positions(B, C, 1, seen=400, holes=30, pad=(0, 100))
     check_against_twin(poisoned_run, q, k, pos)
+
+
+@pytest.mark.parametrize("T", [1, 20])
+def test_slot_count_bounds_the_slots_in_use(poisoned_run, T):
+    """Slots past ``slot_count`` are empty whatever their positions say: the kernel (blocks wholly
+    past the count included) and the twin both equal the twin over positions with those slots cleared,
+    and the slots past the count get exactly 0."""
+    torch.manual_seed(T)
+    B, Hq, Hkv, S, D = 4, 4, 2, 300, 32
+    q, k = qk(B, Hq, Hkv, T, S, D, torch.float32)
+    pos, query_slots, slot_count = buffer_in_use([T, 70, 150, S], S, T, seen=400)
+    slot_count[0] = 0  # sequence 0's new tokens lie past its count: they look at nothing
+    cleared = naive.slots_in_use(pos, slot_count)
+    lse = pass_one_lse(q, k, cleared, query_slots=query_slots)
+    got = poisoned_run(q, k, pos, lse, query_slots=query_slots, slot_count=slot_count)
+    want = naive.attention_column_sums(q, k, pos, lse, query_slots=query_slots, slot_count=slot_count)
+    assert torch.equal(want, naive.attention_column_sums(q, k, cleared, lse, query_slots=query_slots))
+    assert_close_sums(got, want, torch.float32, "column sums vs twin")
+    assert bool((pos[1, 70:] >= 0).all()), "test setup: the slots past the count must look real"
+    past_count = cleared[:, None, :].expand(B, Hkv, S) < 0
+    assert bool((got[past_count] == 0).all()) and bool((got[0] == 0).all())
 
 
 def test_decode_blind_query(poisoned_run):
