@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .integrations.keywords import cache_keyword
+from .integrations.keywords import cache_keyword, output_cache
 
 
 @dataclass
@@ -100,7 +100,7 @@ def greedy_generation(model, inputs: dict, new_tokens: int, streamer=None, fixed
         )
     seconds = time.perf_counter() - start
     generated = output.sequences[0, inputs["input_ids"].shape[1] :].tolist()
-    cache = getattr(output, cache_keyword(model))
+    cache = output_cache(output, model)
     if hasattr(cache, "stats"):
         kept = cache.stats().sequences[0].tokens_kept
     else:
