@@ -29,6 +29,17 @@ planned for grows the buffers, once, to exactly what it needs
 (``budget + T``); growing copies, so the old and new buffers briefly coexist.
 ``full`` (no eviction) allocates the expected stream length when it is known
 (``generate`` passes it) and otherwise grows geometrically.
+
+Compiled steps. A chunk traced by ``torch.compile`` (a decode step, after an
+eager first chunk) must trace to the same graph at every step, so it reads
+nothing that changes per step from Python: the fill, stream length, peak fill
+and eviction count live in the device tensor ``counters``. Such a chunk writes
+its tokens at the device fill (``index_copy_``), attends over the whole
+buffer with ``slot_count`` bounding the key tiles that cost anything, and
+computes the eviction at every step, applying it only when it is due
+(:meth:`_evict_compiled`). Eager chunks keep the host counters authoritative
+and mirror them to the device after each chunk; after compiled steps the host
+reads them back once (:meth:`sync_host`) before anything that needs them.
 """
 
 from __future__ import annotations
@@ -39,6 +50,7 @@ from typing import Sequence
 import torch
 
 from . import ops
+from ._static import static_address
 from .config import EpiKVConfig
 from .scoring import AttentionView, ChunkInfo, make_scorer
 
@@ -116,6 +128,11 @@ class SlotCache:
         self.chunk: ChunkInfo | None = None
         self.start = 0
         self.query_slots: torch.Tensor | None = None  # [B, T] the chunk's slots, [start, start + T)
+        # A compiled step (see "Compiled steps" in the module docstring) keeps its counters on the device.
+        self.counters: torch.Tensor | None = None  # [4] int64: fill, stream_length, peak_fill, eviction_passes
+        self.host_stale = False  # a compiled step ran since the host counters were last read back
+        self.chunk_slots: torch.Tensor | None = None  # [T] the slots of a compiled step's chunk
+        self.slot_count: torch.Tensor | None = None  # [B] slots in use during a compiled step
 
     # ----------------------------------------------------------------- chunks
     def next_positions(
@@ -151,29 +168,71 @@ class SlotCache:
     def begin_chunk(self, positions: torch.Tensor) -> None:
         """Open a chunk of ``positions [B, T]`` new tokens (``-1`` = padding); evicts first if they don't fit."""
         if torch.compiler.is_compiling():
-            raise RuntimeError(
-                "the EpiKV cache cannot run under torch.compile: eviction changes its shapes and contents "
-                "between steps; run the patched model eagerly"
-            )
+            self._begin_compiled_chunk(positions)
+            return
+        self.sync_host()
         B, T = positions.shape
         if self.seen is None:
             self._fit_declared_prompts(B)
-            self.seen = torch.zeros(B, dtype=torch.int64, device=positions.device)
-            self.last_valid = torch.zeros(B, dtype=torch.bool, device=positions.device)
-            self.tokens_evicted = torch.zeros(B, dtype=torch.int64, device=positions.device)
-            self.slots_moved = torch.zeros(B, dtype=torch.int64, device=positions.device)
+            self.seen, self.tokens_evicted, self.slots_moved = (
+                static_address(torch.zeros(B, dtype=torch.int64, device=positions.device)) for _ in range(3)
+            )
+            self.last_valid = static_address(torch.zeros(B, dtype=torch.bool, device=positions.device))
         elif B != self.seen.shape[0]:
             raise ValueError(f"this cache holds {self.seen.shape[0]} sequences; the chunk has {B}")
-        valid = positions >= 0
-        before = torch.cat([self.last_valid[:, None], valid[:, :-1]], dim=1)
-        self.chunk = ChunkInfo(positions, valid, valid & before)
+        self.chunk = self._chunk_info(positions)
         if self.kv is not None:
             self._make_room(T)
             self._open_slots()
         self.start = self.fill
         # The ops and scorers are told where the chunk's tokens are, not left to assume it.
         self.query_slots = torch.arange(self.start, self.start + T, device=positions.device).expand(B, T)
+        self.chunk_slots = self.slot_count = None
         self.scorer.begin_chunk(self.chunk)
+
+    def _chunk_info(self, positions: torch.Tensor) -> ChunkInfo:
+        valid = positions >= 0
+        before = torch.cat([self.last_valid[:, None], valid[:, :-1]], dim=1)
+        return ChunkInfo(positions, valid, valid & before)
+
+    def _begin_compiled_chunk(self, positions: torch.Tensor) -> None:
+        """A chunk traced by ``torch.compile``: every per-step quantity is read from device tensors,
+        so the traced code is the same at every step (see "Compiled steps" in the module docstring)."""
+        B, T = positions.shape
+        self._check_compilable(B, T)
+        self.chunk = self._chunk_info(positions)
+        fill = self.counters[0]
+        self.chunk_slots = fill + torch.arange(T, device=positions.device)
+        self.query_slots = self.chunk_slots.expand(B, T)
+        self.slot_count = (fill + T).expand(B)
+        self.pos.index_copy_(1, self.chunk_slots, positions)
+        self.scores.index_fill_(1, self.chunk_slots, 0.0)
+        self.scorer.begin_chunk(self.chunk)
+        self.host_stale = True
+
+    def _check_compilable(self, batch: int, num_tokens: int) -> None:
+        """Trace-time checks of a compiled chunk (shapes and settings only, nothing on the device)."""
+        config = self.config
+        if not config.evicts:
+            raise RuntimeError(
+                "method='full' cannot run under torch.compile: its buffer grows with the stream. Compile the "
+                "unpatched model with transformers' static cache for a full-cache baseline"
+            )
+        if self.kv is None or self.prompt_lengths is None:
+            raise RuntimeError(
+                "the first chunk (the prompt) of an EpiKV cache must run eagerly: it sizes the buffers and fixes "
+                "the protected prompt. Run the prefill with the uncompiled model, then compile the decode step"
+            )
+        if batch != self.seen.shape[0]:
+            raise ValueError(f"this cache holds {self.seen.shape[0]} sequences; the chunk has {batch}")
+        # Between chunks the fill is below budget + evict_every, so this many new tokens always fit.
+        room = self.kv.shape[4] - (config.budget + config.evict_every - 1)
+        if num_tokens > room:
+            raise ValueError(
+                f"a compiled chunk holds at most {room} tokens with this cache (capacity {self.kv.shape[4]}, budget "
+                f"{config.budget}, evict_every {config.evict_every}); got {num_tokens}. Run longer chunks eagerly, "
+                "or make the cache with chunk_size=<longest compiled chunk>"
+            )
 
     def _fit_declared_prompts(self, batch: int) -> None:
         declared = self.declared_prompt_lengths
@@ -188,6 +247,10 @@ class SlotCache:
         if self.chunk is None:
             raise RuntimeError("write() outside a chunk: call begin_chunk() first")
         T = key.shape[2]
+        if self.chunk_slots is not None:  # compiled: the whole buffer, the chunk's slots from the device fill
+            self.kv[0, layer].index_copy_(2, self.chunk_slots, key)
+            self.kv[1, layer].index_copy_(2, self.chunk_slots, value)
+            return self.kv[0, layer], self.kv[1, layer]
         if self.kv is None:
             self._allocate(key, self._capacity_for(T))
             self._open_slots()
@@ -211,7 +274,8 @@ class SlotCache:
         Visibility comes from the slot positions alone; returns ``[B, Hq, T, D]``.
         """
         pos = self.pos[:, : keys.shape[2]]
-        has_previous = self.stream_length > 0
+        # A compiled chunk is never the first (the first one runs eagerly), so it always has a predecessor.
+        has_previous = self.chunk_slots is not None or self.stream_length > 0
         result = ops.slot_attention(
             query,
             keys,
@@ -224,9 +288,10 @@ class SlotCache:
             prev_v=self.prev_kv[1, layer] if has_previous else None,
             with_deltas=self.scorer.wants_deltas,
             return_lse=self.scorer.wants_probabilities,
+            slot_count=self.slot_count,
             check_positions=False,
         )
-        view = AttentionView(query, keys, values, pos, self.query_slots, scale, window, result)
+        view = AttentionView(query, keys, values, pos, self.query_slots, scale, window, result, self.slot_count)
         increment = self.scorer.observe_attention(layer, view)
         if increment is not None:
             self.scores[:, : keys.shape[2]] += increment
@@ -238,6 +303,9 @@ class SlotCache:
 
     def end_chunk(self) -> None:
         """Fix the new tokens' scores, advance the stream, evict if the cache is over its cadence."""
+        if self.chunk_slots is not None:
+            self._end_compiled_chunk()
+            return
         chunk = self.chunk
         T = chunk.positions.shape[1]
         end = self.start + T
@@ -245,7 +313,7 @@ class SlotCache:
         if new_scores is not None:
             self.scores[:, self.start : end] = torch.where(chunk.valid, new_scores, float("nan"))
         self.prev_kv.copy_(self.kv[:, :, :, :, end - 1])
-        self.last_valid = chunk.valid[:, -1]
+        self.last_valid.copy_(chunk.valid[:, -1])
         self.seen += chunk.valid.sum(dim=1)
         self.stream_length += T
         self.fill = end
@@ -256,8 +324,37 @@ class SlotCache:
             self.prompt_lengths = self.seen.tolist()
             if self.config.keep_prompt and self.config.evicts:
                 check_prompt_fits(self.config, self.prompt_lengths)
+        if self.config.keep_prompt:
+            self._prompt_prefix(self.seen.device)  # made here, so a compiled step finds it
         if self.config.evicts and self.fill >= self.config.budget + self.config.evict_every:
             self.evict()
+        else:
+            self._publish_counters()
+
+    def _end_compiled_chunk(self) -> None:
+        """:meth:`end_chunk` of a compiled chunk: the same state changes, as device tensor updates; the
+        eviction is computed at every step and applied only when it is due (no branch on device data)."""
+        chunk, slots = self.chunk, self.chunk_slots
+        new_scores = self.scorer.finish_chunk()
+        if new_scores is not None:
+            self.scores.index_copy_(1, slots, torch.where(chunk.valid, new_scores, float("nan")))
+        self.prev_kv.copy_(self.kv.index_select(4, slots[-1:]).squeeze(4))
+        self.last_valid.copy_(chunk.valid[:, -1])
+        self.seen += chunk.valid.sum(dim=1)
+        used = slots[-1] + 1
+        config = self.config
+        due = used >= config.budget + config.evict_every
+        evicted, moved = self._evict_compiled(due)
+        self.tokens_evicted += evicted
+        self.slots_moved += moved
+        fill, stream_length, peak_fill, passes = self.counters.unbind()
+        self.counters.copy_(
+            torch.stack([
+                torch.where(due, config.budget, used), stream_length + chunk.positions.shape[1],
+                torch.maximum(peak_fill, used), passes + due.long(),
+            ])
+        )
+        self.chunk = self.chunk_slots = self.slot_count = None
 
     # --------------------------------------------------------------- eviction
     def evict(self) -> None:
@@ -266,21 +363,65 @@ class SlotCache:
         Only the kept slots at or above the new fill move, into the freed slots
         below it: an eviction moves at most as many slots as it releases.
         """
-        config = self.config
+        self.sync_host()
         used = self.fill
-        pos, scores = self.pos[:, :used], self.scores[:, :used]
-        protect = self._prompt_prefix(pos.device) if config.keep_prompt else config.sink
-        real_before = (pos >= 0).sum(dim=1)
-        keep = ops.select_slots(scores, pos, config.budget, protect_prefix=protect, recent=config.recent)
-        fill = min(config.budget, used)
-        destination = ops.compaction_plan(keep, fill)
-        _, L, B, H, capacity, D = self.kv.shape
-        planes = self.kv.view(2 * L, B, H, capacity, D)[:, :, :, :used]
-        ops.compact_slots_(planes, pos, scores, destination)
+        fill = min(self.config.budget, used)
+        keep, real_before, destination = self._plan(used, fill)
+        self._compact(used, destination)
         self.tokens_evicted += real_before - keep.sum(dim=1)
         self.slots_moved += (destination >= 0).sum(dim=1)
         self.fill = fill
         self.eviction_passes += 1
+        self._publish_counters()
+
+    def _evict_compiled(self, due: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The eviction of a compiled step over the whole buffer, in effect only where ``due`` (a device
+        bool): otherwise no slot moves and the tail's metadata is put back. Empty slots hold position -1,
+        so selecting over the whole buffer keeps exactly what :meth:`evict` keeps over the slots in use.
+        Returns ``[B]`` tokens evicted and slots moved."""
+        capacity, budget = self.kv.shape[4], self.config.budget
+        keep, real_before, destination = self._plan(capacity, budget)
+        destination = torch.where(due, destination, -1)
+        tail_pos, tail_scores = self.pos[:, budget:].clone(), self.scores[:, budget:].clone()
+        self._compact(capacity, destination)
+        self.pos[:, budget:] = torch.where(due, self.pos[:, budget:], tail_pos)
+        self.scores[:, budget:] = torch.where(due, self.scores[:, budget:], tail_scores)
+        evicted = torch.where(due, real_before - keep.sum(dim=1), 0)
+        return evicted, (destination >= 0).sum(dim=1)
+
+    def _plan(self, used: int, fill: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Kept slots ``[B, used]``, real tokens before ``[B]`` and the compaction plan ``[B, used - fill]``."""
+        config = self.config
+        pos, scores = self.pos[:, :used], self.scores[:, :used]
+        protect = self._prompt_prefix(pos.device) if config.keep_prompt else config.sink
+        keep = ops.select_slots(scores, pos, config.budget, protect_prefix=protect, recent=config.recent)
+        return keep, (pos >= 0).sum(dim=1), ops.compaction_plan(keep, fill)
+
+    def _compact(self, used: int, destination: torch.Tensor) -> None:
+        _, L, B, H, capacity, D = self.kv.shape
+        planes = self.kv.view(2 * L, B, H, capacity, D)[:, :, :, :used]
+        ops.compact_slots_(planes, self.pos[:, :used], self.scores[:, :used], destination)
+
+    # ------------------------------------------------------------ counters
+    def _publish_counters(self) -> None:
+        """Mirror the host counters on the device for a compiled step that may follow (a small
+        host-to-device copy; nothing waits for the device)."""
+        values = torch.tensor([self.fill, self.stream_length, self.peak_fill, self.eviction_passes])
+        if self.counters is None:
+            self.counters = static_address(values.to(self.seen.device))
+        else:
+            self.counters.copy_(values, non_blocking=True)
+
+    def sync_host(self) -> None:
+        """Read back the counters compiled steps advanced on the device (one sync); a no-op otherwise."""
+        if self.host_stale:
+            if torch.compiler.is_compiling():
+                raise RuntimeError(
+                    "the EpiKV cache's host counters (fill, tokens seen) cannot be read inside a compiled step: "
+                    "read them, or the cache's stats, between steps"
+                )
+            self.fill, self.stream_length, self.peak_fill, self.eviction_passes = self.counters.tolist()
+            self.host_stale = False
 
     def _prompt_prefix(self, device: torch.device) -> torch.Tensor:
         """The prompt lengths as a device tensor, made once per stream: no host-to-device copy per
@@ -319,10 +460,12 @@ class SlotCache:
 
     def _allocate(self, like: torch.Tensor, capacity: int) -> None:
         B, H, _, D = like.shape
-        self.kv = torch.zeros(2, self.num_layers, B, H, capacity, D, dtype=like.dtype, device=like.device)
-        self.pos = torch.full((B, capacity), -1, dtype=torch.int64, device=like.device)
-        self.scores = torch.full((B, capacity), float("nan"), dtype=torch.float32, device=like.device)
-        self.prev_kv = torch.zeros(2, self.num_layers, B, H, D, dtype=like.dtype, device=like.device)
+        self.kv = static_address(
+            torch.zeros(2, self.num_layers, B, H, capacity, D, dtype=like.dtype, device=like.device)
+        )
+        self.pos = static_address(torch.full((B, capacity), -1, dtype=torch.int64, device=like.device))
+        self.scores = static_address(torch.full((B, capacity), float("nan"), dtype=torch.float32, device=like.device))
+        self.prev_kv = static_address(torch.zeros(2, self.num_layers, B, H, D, dtype=like.dtype, device=like.device))
 
     def _grow(self, capacity: int) -> None:
         kv, pos, scores, prev_kv, used = self.kv, self.pos, self.scores, self.prev_kv, self.fill
@@ -341,11 +484,13 @@ class SlotCache:
     # ------------------------------------------------------------ inspection
     def kept_positions(self) -> list[list[int]]:
         """Sorted positions of the tokens each sequence holds."""
+        self.sync_host()
         if self.pos is None:
             return [[] for _ in range(0 if self.seen is None else self.seen.shape[0])]
         return [sorted(p for p in row if p >= 0) for row in self.pos[:, : self.fill].tolist()]
 
     def stats(self) -> CacheStats:
+        self.sync_host()
         if self.kv is None:
             return CacheStats([], 0, 0, 0, 0, 0)
         _, L, B, H, capacity, D = self.kv.shape

@@ -13,7 +13,7 @@ Which signal each method reads:
 * ``lag_kv``: keys/values normalised by the previous ``C``-chunk's per-channel
   range, spread over channels (2.3).
 * ``knorm``: minus the mean key norm (low-norm keys are kept, as KnormPress).
-* ``random``: uniform from a seeded generator.
+* ``random``: uniform, hashed from the seed, the sequence and the position.
 * ``streaming``: the position itself, so the kept set is the sink plus the
   most recent tokens (StreamingLLM). ``full`` shares it; it never evicts.
 * ``h2o``: attention each slot receives, accumulated over every later query,
@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from . import ops
+from ._static import static_address
 from .config import EpiKVConfig
 
 
@@ -56,7 +57,8 @@ class AttentionView:
     particular order; ``pos`` ``[B, S]`` their positions; ``query_slots``
     ``[B, T]`` int64 the slots of the chunk's new tokens (see
     :func:`ops.slot_attention`); ``result`` what the attention call returned
-    (deltas and lse only when asked for).
+    (deltas and lse only when asked for); ``slot_count [B]`` the slots in use
+    when ``keys`` span the whole buffer (a compiled step), else ``None``.
     """
 
     query: torch.Tensor
@@ -67,6 +69,7 @@ class AttentionView:
     scale: float | None
     window: int | None
     result: ops.AttentionResult
+    slot_count: torch.Tensor | None = None
 
     def new_tokens(self, x: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
         """``x`` (``keys`` or ``values``) at the slots of new tokens ``start:end``: ``[B, Hkv, end - start, D]``
@@ -119,17 +122,21 @@ class BandScorer(Scorer):
         B, T = chunk.positions.shape
         device = chunk.positions.device
         if self.ring is None:
-            self.ring = torch.zeros(B, 2, self.window, dtype=torch.float32, device=device)
-            self.count = torch.zeros(B, 2, dtype=torch.int64, device=device)
+            self.ring = static_address(torch.zeros(B, 2, self.window, dtype=torch.float32, device=device))
+            self.count = static_address(torch.zeros(B, 2, dtype=torch.int64, device=device))
             self.weights = self.weights.to(device)
         self.band_values = torch.zeros(B, 2, T, dtype=torch.float32, device=device)
 
     def observe_hidden(self, layer: int, hidden: torch.Tensor) -> None:
         if layer not in self.band_of:
             return
-        previous = self.previous_hidden.get(layer, hidden[:, 0])
-        self.previous_hidden[layer] = hidden[:, -1].clone()
-        self._add(layer, step_norms(hidden, previous))
+        previous = self.previous_hidden.get(layer)
+        norms = step_norms(hidden, hidden[:, 0] if previous is None else previous)
+        if previous is None:
+            self.previous_hidden[layer] = static_address(hidden[:, -1].clone())
+        else:
+            previous.copy_(hidden[:, -1])  # in place: a compiled step sees the same tensor every time
+        self._add(layer, norms)
 
     def observe_attention(self, layer: int, view: AttentionView) -> None:
         if self.source == "kv" and layer in self.band_of:
@@ -292,18 +299,37 @@ class KeyNormScorer(Scorer):
 
 
 class RandomScorer(Scorer):
-    """Uniform scores from a generator seeded once per cache: reproducible runs."""
+    """Uniform scores in ``[0, 1)`` hashed from (seed, sequence, position): reproducible runs, the same
+    score however the stream is chunked, and no generator state, so a compiled step traces it."""
 
     def __init__(self, seed: int):
-        self.seed = seed
-        self.generator: torch.Generator | None = None
+        self.seed = seed & _LOW_32
 
     def finish_chunk(self) -> torch.Tensor:
-        positions = self.chunk.positions
-        if self.generator is None:
-            # On the tokens' device, so no host-to-device copy per step.
-            self.generator = torch.Generator(device=positions.device).manual_seed(self.seed)
-        return torch.rand(positions.shape, generator=self.generator, device=positions.device)
+        positions = self.chunk.positions.clamp(min=0)
+        row = torch.arange(positions.shape[0], device=positions.device)[:, None]
+        key = (_multiply_low_32(positions & _LOW_32, 0x9E3779B1) ^ _multiply_low_32(row, 0x85EBCA6B)) ^ self.seed
+        return (_mix_32(key) >> 8).float() / 2**24
+
+
+_LOW_32 = 0xFFFFFFFF
+
+
+def _multiply_low_32(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """``x * factor mod 2^32`` for int64 ``x`` in ``[0, 2^32)``, in 16-bit halves so no product
+    overflows int64 (a wrapping overflow is not something every backend promises)."""
+    low = (x & 0xFFFF) * factor
+    high = (((x >> 16) * factor) & 0xFFFF) << 16
+    return (low + high) & _LOW_32
+
+
+def _mix_32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit avalanche mix (MurmurHash3's finaliser) of int64 ``x`` in ``[0, 2^32)``."""
+    x = x ^ (x >> 16)
+    x = _multiply_low_32(x, 0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = _multiply_low_32(x, 0xC2B2AE35)
+    return x ^ (x >> 16)
 
 
 class PositionScorer(Scorer):
@@ -330,7 +356,8 @@ class AttentionMassScorer(Scorer):
     def observe_attention(self, layer: int, view: AttentionView) -> torch.Tensor:
         column_sums = ops.attention_column_sums(
             view.query, view.keys, view.pos, view.result.lse,
-            query_slots=view.query_slots, scale=view.scale, window=view.window, check_positions=False,
+            query_slots=view.query_slots, scale=view.scale, window=view.window, slot_count=view.slot_count,
+            check_positions=False,
         )
         return column_sums.sum(dim=1) / (view.query.shape[1] * self.num_layers)
 

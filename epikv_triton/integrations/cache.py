@@ -25,16 +25,18 @@ class EpiKVLayer(CacheLayerMixin):
     in its process-global layer mappings.
     """
 
-    is_compileable = False
     is_croppable = False
     is_sliding = False
     # The store allocates itself at the first write, for every layer at once.
     supports_early_init = False
 
-    def __init__(self, slots: SlotCache, layer_idx: int):
+    def __init__(self, slots: SlotCache, layer_idx: int, compileable: bool):
         super().__init__()
         self.slots = slots
         self.layer_idx = layer_idx
+        # Whether ``generate`` may compile its decode step over this cache: only when the caller asked for
+        # it (``compile_config``). The decode step traces to one graph either way (see SlotCache).
+        self.is_compileable = compileable
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         raise RuntimeError("EpiKVLayer is allocated by its slot store on the first update, never ahead of time")
@@ -47,9 +49,11 @@ class EpiKVLayer(CacheLayerMixin):
         return keys, values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        self.slots.sync_host()
         return self.slots.fill + query_length, 0
 
     def get_seq_length(self) -> int:
+        self.slots.sync_host()
         return self.slots.stream_length
 
     def get_max_length(self) -> int:
@@ -69,9 +73,10 @@ class EpiKVCache(Cache):
         prompt_lengths: Sequence[int] | None = None,
         expected_length: int | None = None,
         chunk_size: int | None = None,
+        compiled_generation: bool = False,
     ):
         self.slots = SlotCache(config, num_layers, prompt_lengths, expected_length, chunk_size)
-        super().__init__(layers=[EpiKVLayer(self.slots, i) for i in range(num_layers)])
+        super().__init__(layers=[EpiKVLayer(self.slots, i, compiled_generation) for i in range(num_layers)])
 
     @property
     def config(self) -> EpiKVConfig:

@@ -55,7 +55,9 @@ class _Patch:
     windows: list[int | None]
     cache_keyword: str  # what the installed transformers calls the cache argument
     original_attn_implementation: str
-    own_generate: Any  # the instance's own ``generate`` attribute before patching, if any
+    # The instance's own ``generate`` / ``prepare_inputs_for_generation`` attributes before patching, if any.
+    own_generate: Any
+    own_prepare_inputs: Any
     hooks: list[torch.utils.hooks.RemovableHandle] = field(default_factory=list)
     attention_modules: list[nn.Module] = field(default_factory=list)
     active: EpiKVCache | None = None  # the cache of the forward pass in progress
@@ -65,8 +67,11 @@ class _Patch:
         prompt_lengths: Sequence[int] | None = None,
         expected_length: int | None = None,
         chunk_size: int | None = None,
+        compiled_generation: bool = False,
     ) -> EpiKVCache:
-        return EpiKVCache(self.config, self.num_layers, prompt_lengths, expected_length, chunk_size)
+        return EpiKVCache(
+            self.config, self.num_layers, prompt_lengths, expected_length, chunk_size, compiled_generation
+        )
 
 
 _PATCHES: "weakref.WeakKeyDictionary[nn.Module, _Patch]" = weakref.WeakKeyDictionary()
@@ -101,6 +106,7 @@ def patch(model: nn.Module, **settings: Any) -> nn.Module:
         cache_keyword=cache_keyword(decoder),
         original_attn_implementation=model.config._attn_implementation,
         own_generate=vars(model).get("generate"),
+        own_prepare_inputs=vars(model).get("prepare_inputs_for_generation"),
     )
     AttentionInterface.register(ATTENTION_NAME, epikv_attention)
     model.set_attn_implementation(ATTENTION_NAME)
@@ -115,6 +121,9 @@ def patch(model: nn.Module, **settings: Any) -> nn.Module:
         state.attention_modules.append(layer.self_attn)
     if hasattr(model, "generate"):
         model.generate = functools.partial(_generate, state, model, type(model).generate.__get__(model))
+        model.prepare_inputs_for_generation = functools.partial(
+            _prepare_inputs, state, type(model).prepare_inputs_for_generation.__get__(model)
+        )
     _PATCHES[model] = state
     return model
 
@@ -129,10 +138,11 @@ def unpatch(model: nn.Module) -> nn.Module:
     for module in state.attention_modules:
         _PATCH_OF_ATTENTION.pop(module, None)
     model.set_attn_implementation(state.original_attn_implementation)
-    if "generate" in vars(model):
-        del model.generate
-    if state.own_generate is not None:
-        model.generate = state.own_generate
+    for name, own in (("generate", state.own_generate), ("prepare_inputs_for_generation", state.own_prepare_inputs)):
+        if name in vars(model):
+            delattr(model, name)
+        if own is not None:
+            setattr(model, name, own)
     return model
 
 
@@ -250,9 +260,29 @@ def _generate(state: _Patch, model: nn.Module, original: Any, *args: Any, **kwar
             prompt_lengths,
             _expected_length(args, kwargs, generation_config),
             getattr(generation_config, "prefill_chunk_size", None),
+            # transformers compiles the decode step only over a cache that says it may.
+            compiled_generation=generation_config.compile_config is not None and not generation_config.disable_compile,
         )
     kwargs[state.cache_keyword] = cache
     return original(*args, **kwargs)
+
+
+def _prepare_inputs(state: _Patch, original: Any, *args: Any, **kwargs: Any) -> dict:
+    """``prepare_inputs_for_generation``, then the step's padding mask as ``[B, T]``: the decoder pre-hook
+    reads only the new tokens' columns, and a fixed width keeps a compiled decode step's shapes static
+    (transformers would otherwise pass the growing 2D mask, or, for a compileable cache, masks built
+    for its own attention functions, which drop the padding this cache needs)."""
+    inputs = original(*args, **kwargs)
+    if isinstance(inputs.get(state.cache_keyword), EpiKVCache):
+        mask = kwargs.get("attention_mask")
+        new_tokens = inputs.get("input_ids")
+        if new_tokens is None:
+            new_tokens = inputs["inputs_embeds"]
+        if isinstance(mask, torch.Tensor) and mask.ndim == 2:
+            inputs["attention_mask"] = mask[:, -new_tokens.shape[1] :].contiguous()  # a fixed stride, too
+        else:
+            inputs.pop("attention_mask", None)
+    return inputs
 
 
 def _checked_generation_config(model: nn.Module, kwargs: dict) -> Any:

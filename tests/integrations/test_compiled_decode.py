@@ -1,0 +1,126 @@
+"""A patched model's decode step under ``torch.compile(fullgraph=True)``: compiled once for the whole
+stream (recompiling is an error here), eviction inside the graph, the same tokens, kept positions and
+statistics as the eager loop; and ``generate(compile_config=...)``, transformers' own compiled path.
+
+The prompt runs eagerly (it sizes the cache), then every decode step runs compiled, past the budget.
+Compilation uses ``aot_eager`` (Dynamo + functionalization of every in-place cache update) and, once,
+Inductor: what users run.
+"""
+
+import pytest
+import torch
+from transformers import CompileConfig
+
+import epikv_triton
+
+from .models import cached, patched_copy, prompts, tiny_model
+
+BUDGET = 16
+STEPS_PAST_BUDGET = 100
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def decode_stream(model, step, prompt, num_steps, eager_tail=0):
+    """Greedy tokens ``[B, num_steps + eager_tail]`` and the cache: the prompt eagerly, ``num_steps`` steps
+    through ``step``, then ``eager_tail`` more through the uncompiled model (the host reads back the
+    counters the compiled steps kept on the device)."""
+    cache = epikv_triton.new_cache(model)
+    logits = model(**prompt, use_cache=True, **cached(cache)).logits
+    tokens = []
+    for index in range(num_steps + eager_tail):
+        token = logits[:, -1].argmax(dim=-1, keepdim=True)
+        tokens.append(token)
+        forward = step if index < num_steps else model
+        # The padding mask of the new tokens only (the cache keeps the rest): a fixed shape.
+        logits = forward(input_ids=token, attention_mask=torch.ones_like(token), use_cache=True, **cached(cache)).logits
+    return torch.cat(tokens, dim=1), cache
+
+
+def eager_step(model):
+    return model
+
+
+def compiled_step(model, backend):
+    return torch.compile(model, backend=backend, fullgraph=True)
+
+
+@pytest.mark.parametrize(
+    "family, method, evict_every, backend",
+    [
+        ("llama", "epikv", 1, "aot_eager"),
+        ("qwen2-sliding", "epikv", 1, "aot_eager"),
+        ("llama", "kv", 4, "aot_eager"),
+        ("qwen2-sliding", "h2o", 3, "aot_eager"),
+        ("llama", "lag_kv", 1, "aot_eager"),
+        ("llama", "random", 2, "aot_eager"),
+        ("llama", "epikv", 1, "inductor"),
+    ],
+)
+def test_compiled_decode_compiles_once_and_matches_eager(family, method, evict_every, backend):
+    model = patched_copy(tiny_model(family), budget=BUDGET, method=method, evict_every=evict_every)
+    prompt = prompts(2)  # the second sequence is left-padded
+    num_steps = BUDGET + STEPS_PAST_BUDGET  # even a sequence with no real prompt token runs 100 past it
+    with torch.no_grad():
+        expected, eager_cache = decode_stream(model, eager_step(model), prompt, num_steps, eager_tail=3)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            actual, cache = decode_stream(model, compiled_step(model, backend), prompt, num_steps, eager_tail=3)
+
+    stats = cache.stats()
+    assert min(s.tokens_evicted for s in stats.sequences) >= STEPS_PAST_BUDGET, "must run past the budget"
+    assert torch.equal(actual, expected)
+    assert cache.kept_positions() == eager_cache.kept_positions()
+    assert stats == eager_cache.stats()
+
+
+def test_compiled_decode_runs_on_device_counters_without_host_reads():
+    """The compiled step leaves the host counters stale (it never reads them) until something asks."""
+    model = patched_copy(tiny_model("llama"), budget=BUDGET)
+    prompt = prompts(1)
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        _, cache = decode_stream(model, compiled_step(model, "aot_eager"), prompt, num_steps=30)
+        slots = cache.slots
+        assert slots.host_stale and slots.stream_length == prompt["input_ids"].shape[1]
+        assert cache.get_seq_length() == prompt["input_ids"].shape[1] + 30
+        assert not slots.host_stale and slots.fill == BUDGET
+
+
+def test_generate_compile_config_compiles_the_decode_step():
+    """transformers compiles the decode step over the cache when asked (``compile_config``; on a CPU
+    only with its ``_compile_all_devices`` testing flag), and the tokens are the eager ones."""
+    model = patched_copy(tiny_model("qwen2-sliding"), budget=BUDGET)
+    inputs = prompts(2)
+    settings = dict(max_new_tokens=STEPS_PAST_BUDGET, do_sample=False)
+    expected = model.generate(**inputs, **settings)
+    assert not hasattr(model, "_compiled_call"), "without compile_config, generate must stay eager"
+    compile_config = CompileConfig(fullgraph=True, backend="aot_eager")
+    compile_config._compile_all_devices = True
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        actual = model.generate(**inputs, **settings, compile_config=compile_config)
+    assert hasattr(model, "_compiled_call")
+    assert torch.equal(actual, expected)
+
+
+def test_compiled_chunk_longer_than_the_spare_slots_raises():
+    model = patched_copy(tiny_model("llama"), budget=BUDGET)
+    cache = epikv_triton.new_cache(model)
+    prompt = prompts(1)
+    with torch.no_grad():
+        model(**prompt, use_cache=True, **cached(cache))
+        with pytest.raises(Exception, match="compiled chunk holds at most 1 tokens"):
+            compiled_step(model, "eager")(input_ids=prompt["input_ids"][:, :2], use_cache=True, **cached(cache))
+
+
+def test_full_cache_under_compile_raises():
+    model = patched_copy(tiny_model("llama"), budget=BUDGET, method="full")
+    cache = epikv_triton.new_cache(model)
+    prompt = prompts(1)
+    with torch.no_grad():
+        model(**prompt, use_cache=True, **cached(cache))
+        with pytest.raises(Exception, match="method='full' cannot run under torch.compile"):
+            compiled_step(model, "eager")(input_ids=prompt["input_ids"][:, :1], use_cache=True, **cached(cache))
