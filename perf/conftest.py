@@ -43,6 +43,16 @@ def pytest_collection_modifyitems(config, items):
         item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def torch_twins_on_cpu(monkeypatch):
+    """On a CPU the ops must run their PyTorch twins, never Triton's interpreter.
+
+    Set in the environment, so processes a test starts (``measure.run_fresh_interpreter``) inherit it.
+    """
+    if measure.device().type != "cuda":
+        monkeypatch.setenv("EPIKV_BACKEND", "torch")
+
+
 @pytest.fixture(scope="session")
 def dev() -> torch.device:
     return measure.device()

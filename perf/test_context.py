@@ -69,13 +69,6 @@ SHAPE_LABEL = f"H{Q_HEADS}/{KV_HEADS} D{HEAD_DIM}"
 CPU_ONLY = "CPU mode: on a GPU, test_longest_prefill_gpu measures the longest prefill that fits"
 
 
-@pytest.fixture(autouse=True)
-def torch_twins_on_cpu(monkeypatch):
-    """On a CPU the ops must run their PyTorch twins, never Triton's interpreter (the children inherit it)."""
-    if not ON_GPU:
-        monkeypatch.setenv("EPIKV_BACKEND", "torch")
-
-
 # --------------------------------------------------------------------------- #
 # The two scorers
 # --------------------------------------------------------------------------- #

@@ -61,16 +61,12 @@ MiB = 2**20
 BATCH = 4 if ON_GPU else 1
 READ_CHUNK = 512  # tokens per forward when a context is read (chunked prefill)
 STEPS_PER_ROUND = 32 if ON_GPU else 16
+MEASURED_ROUNDS = 5
+# Decode steps one measure_step_seconds call takes: a warm-up round, then the measured rounds.
+STEPS_PER_MEASUREMENT = (1 + MEASURED_ROUNDS) * STEPS_PER_ROUND
 PROMPT_TOKENS = 16
 MAX_GENERATED = int(os.environ.get("EPIKV_PERF_GENERATED", 8192 if ON_GPU else 4096))
 CHECKPOINTS = [MAX_GENERATED >> 3, MAX_GENERATED >> 2, MAX_GENERATED >> 1, MAX_GENERATED]
-
-
-@pytest.fixture(autouse=True)
-def torch_twins_on_cpu(monkeypatch):
-    """On a CPU the ops must run their PyTorch twins, never Triton's interpreter."""
-    if not ON_GPU:
-        monkeypatch.setenv("EPIKV_BACKEND", "torch")
 
 
 # --------------------------------------------------------------------------- #
@@ -126,9 +122,9 @@ def model() -> LlamaForCausalLM:
     return built.to(DTYPE).eval()
 
 
-def random_tokens(length: int, seed: int) -> torch.Tensor:
+def random_tokens(length: int, seed: int, batch: int = BATCH) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, MODEL_SHAPE.vocab, (BATCH, length), generator=generator).to(DEV)
+    return torch.randint(0, MODEL_SHAPE.vocab, (batch, length), generator=generator).to(DEV)
 
 
 # --------------------------------------------------------------------------- #
@@ -309,16 +305,21 @@ else:
 _FULL_STEP_SECONDS: dict[int, float] = {}
 
 
-def measure_step_seconds(model, policy: Policy, context: int, benchmark=None) -> tuple[float, int]:
-    """Seconds per decode step after reading ``context`` tokens, and the cache bytes then held."""
+def measure_step_seconds(
+    model, policy: Policy, context: int, benchmark=None, batch: int = BATCH, read_chunk: int = READ_CHUNK
+) -> tuple[float, int]:
+    """Seconds per decode step after reading ``context`` tokens, and the cache bytes then held.
+
+    The cache has then taken ``STEPS_PER_MEASUREMENT`` decode steps beyond the context.
+    """
     with torch.inference_mode(), fresh_cache(model, policy) as cache:
         decoder = GreedyDecoder(model, cache)
-        decoder.read(random_tokens(context, seed=context))
+        decoder.read(random_tokens(context, seed=context, batch=batch), chunk=read_chunk)
         measure.synchronize(DEV)
         if benchmark is None:
-            seconds = measure.median_seconds(lambda: decoder.steps(STEPS_PER_ROUND), DEV)
+            seconds = measure.median_seconds(lambda: decoder.steps(STEPS_PER_ROUND), DEV, repeats=MEASURED_ROUNDS)
         else:
-            seconds = measure.bench(benchmark, lambda: decoder.steps(STEPS_PER_ROUND), DEV)
+            seconds = measure.bench(benchmark, lambda: decoder.steps(STEPS_PER_ROUND), DEV, rounds=MEASURED_ROUNDS)
         return seconds / STEPS_PER_ROUND, kv_bytes(cache)
 
 

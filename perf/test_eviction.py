@@ -32,14 +32,13 @@ import torch
 
 from epikv_triton import ops
 from perf import measure
-from perf.test_end_to_end import (  # noqa: F401  (model and torch_twins_on_cpu are fixtures)
+from perf.test_end_to_end import (  # noqa: F401  (model is a fixture)
     BATCH,
     MODEL_SHAPE,
     ON_GPU,
     Policy,
     measure_step_seconds,
     model,
-    torch_twins_on_cpu,
 )
 
 DEV = measure.device()

@@ -46,13 +46,6 @@ EAGER_MATRIX_BYTES_LIMIT = 32 * 2**30
 _ANCHOR_SECONDS: dict[tuple[str, str], float] = {}
 
 
-@pytest.fixture(autouse=True)
-def torch_twins_on_cpu(monkeypatch):
-    """On a CPU the ops must run their PyTorch twins, never Triton's interpreter."""
-    if not ON_GPU:
-        monkeypatch.setenv("EPIKV_BACKEND", "torch")
-
-
 def anchor_seconds(group: str, shape: str, run_anchor: Callable[[], object]) -> float:
     key = (group, shape)
     if key not in _ANCHOR_SECONDS:

@@ -42,13 +42,6 @@ SCORED_METHODS = [m for m in METHODS if m != "full"]  # full never scores: it sh
 _PER_TOKEN_AT_1K: dict[str, float] = {}
 
 
-@pytest.fixture(autouse=True)
-def torch_twins_on_cpu(monkeypatch):
-    """On a CPU the ops must run their PyTorch twins, never Triton's interpreter."""
-    if not ON_GPU:
-        monkeypatch.setenv("EPIKV_BACKEND", "torch")
-
-
 def chunk_signals(T: int):
     """One forward chunk's inputs to a scorer: the chunk (positions T..2T-1, after a first chunk), hidden
     states and an attention view over the chunk's own T keys (what a chunked prefill step shows it)."""
