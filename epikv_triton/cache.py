@@ -248,8 +248,7 @@ class SlotCache:
             raise RuntimeError("write() outside a chunk: call begin_chunk() first")
         T = key.shape[2]
         if self.chunk_slots is not None:  # compiled: the whole buffer, the chunk's slots from the device fill
-            self.kv[0, layer].index_copy_(2, self.chunk_slots, key)
-            self.kv[1, layer].index_copy_(2, self.chunk_slots, value)
+            self._write_compiled(layer, key, value)
             return self.kv[0, layer], self.kv[1, layer]
         if self.kv is None:
             self._allocate(key, self._capacity_for(T))
@@ -258,6 +257,22 @@ class SlotCache:
         self.kv[0, layer, :, :, self.start : end] = key
         self.kv[1, layer, :, :, self.start : end] = value
         return self.kv[0, layer, :, :, :end], self.kv[1, layer, :, :, :end]
+
+    def _write_compiled(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        """One ``index_put_`` on the whole buffer with every index explicit. An update through a view
+        (``kv[0, layer].index_copy_``) is functionalized into a copy of the whole buffer per layer, which
+        Inductor cannot make in place again; an indexed update of the base it can."""
+        _, _, B, H, _, D = self.kv.shape
+        device = key.device
+        index = (
+            torch.arange(2, device=device)[:, None, None, None, None],
+            torch.full((), layer, device=device),
+            torch.arange(B, device=device)[:, None, None, None],
+            torch.arange(H, device=device)[:, None, None],
+            self.chunk_slots[:, None],
+            torch.arange(D, device=device),
+        )
+        self.kv.index_put_(index, torch.stack([key, value]))
 
     def attend(
         self,
