@@ -106,21 +106,35 @@ def test_generate_compile_config_compiles_the_decode_step():
     assert torch.equal(actual, expected)
 
 
-def test_compiled_chunk_longer_than_the_spare_slots_raises():
-    model = patched_copy(tiny_model("llama"), budget=BUDGET)
+@pytest.mark.parametrize(
+    "method, new_tokens, message",
+    [
+        ("epikv", 2, "compiled chunk holds at most 1 tokens"),  # one spare slot: budget + evict_every 1
+        ("full", 1, "method='full' cannot run under torch.compile"),
+    ],
+)
+def test_compiled_chunk_the_cache_cannot_serve_raises(method, new_tokens, message):
+    model = patched_copy(tiny_model("llama"), budget=BUDGET, method=method)
     cache = epikv_triton.new_cache(model)
     prompt = prompts(1)
     with torch.no_grad():
         model(**prompt, use_cache=True, **cached(cache))
-        with pytest.raises(Exception, match="compiled chunk holds at most 1 tokens"):
-            compiled_step(model, "eager")(input_ids=prompt["input_ids"][:, :2], use_cache=True, **cached(cache))
+        with pytest.raises(Exception, match=message):
+            step = compiled_step(model, "eager")
+            step(input_ids=prompt["input_ids"][:, :new_tokens], use_cache=True, **cached(cache))
 
 
-def test_full_cache_under_compile_raises():
-    model = patched_copy(tiny_model("llama"), budget=BUDGET, method="full")
-    cache = epikv_triton.new_cache(model)
-    prompt = prompts(1)
+def test_compiled_decode_on_the_kernels(monkeypatch):
+    """The same, through the Triton kernels (the interpreter without a GPU): attention over the whole
+    buffer bounded by the device ``slot_count``, the z-score and the compaction kernels in the graph."""
+    monkeypatch.setenv("EPIKV_BACKEND", "triton")
+    model = patched_copy(tiny_model("qwen2-sliding"), budget=BUDGET, evict_every=2)
+    prompt = prompts(2)
+    num_steps = 14  # past the budget for both sequences (12 and 7 real prompt tokens)
     with torch.no_grad():
-        model(**prompt, use_cache=True, **cached(cache))
-        with pytest.raises(Exception, match="method='full' cannot run under torch.compile"):
-            compiled_step(model, "eager")(input_ids=prompt["input_ids"][:, :1], use_cache=True, **cached(cache))
+        expected, eager_cache = decode_stream(model, eager_step(model), prompt, num_steps)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            actual, cache = decode_stream(model, compiled_step(model, "aot_eager"), prompt, num_steps)
+    assert min(s.tokens_evicted for s in cache.stats().sequences) > 2
+    assert torch.equal(actual, expected)
+    assert cache.kept_positions() == eager_cache.kept_positions()
