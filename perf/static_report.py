@@ -158,7 +158,8 @@ def _read_kernel(compiled, report: ConfigReport) -> None:
     report.fits_shared = report.shared_bytes <= report.shared_limit
     ttgir = compiled.asm["ttgir"]
     report.wgmma = "warp_group_dot" in ttgir
-    report.tma = "async_tma_copy" in ttgir or "tensormap" in ttgir or "descriptor_load" in ttgir
+    # A descriptor load that became a TMA bulk copy into shared memory.
+    report.tma = "ttng.async_tma_copy_global_to_local" in ttgir
 
 
 def _compiled_kernels(jit_fn) -> dict:

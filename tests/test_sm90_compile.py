@@ -5,7 +5,8 @@ every config of every kernel is built through the project's launchers at a
 Llama-3-8B-shaped layer, bf16, head_dim 128, so a config that cannot build —
 or needs more shared memory than an H100 block has — fails here rather than
 on a user's GPU. Attention and the H2O column sums must also be free of
-register spills. About 30 s on two CPU cores with a cold Triton cache.
+register spills, and prefill attention must run wgmma on TMA-loaded tiles.
+About 30 s on two CPU cores with a cold Triton cache.
 """
 
 from __future__ import annotations
@@ -45,6 +46,12 @@ def test_attention_and_column_sums_never_spill_on_sm90(sm90_report):
     assert not spilling, "register spills on sm_90:\n" + "\n".join(spilling)
 
 
-def test_prefill_attention_uses_wgmma_on_sm90(sm90_report):
-    prefill = [row for row in sm90_report if row["kernel"] == "_attention_fwd_kernel" and "prefill" in row["case"]]
+def test_prefill_attention_uses_wgmma_and_tma_on_sm90(sm90_report):
+    """Prefill and chunks above the decode rows: wgmma dots on K/V tiles that TMA copies into shared
+    memory; decode keeps the pointer loads (see ``attention.uses_tensor_descriptors``)."""
+    attention = [row for row in sm90_report if row["kernel"] == "_attention_fwd_kernel"]
+    prefill = [row for row in attention if not row["case"].startswith("decode")]
+    decode = [row for row in attention if row["case"].startswith("decode")]
     assert prefill and all(row["wgmma"] for row in prefill), [describe(r) for r in prefill if not r["wgmma"]]
+    assert all(row["tma"] for row in prefill), [describe(r) for r in prefill if not r["tma"]]
+    assert decode and not any(row["tma"] for row in decode), [describe(r) for r in decode if r["tma"]]

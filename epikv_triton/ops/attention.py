@@ -45,6 +45,11 @@ How the work is cut:
   order this is the classic causal bound, so a square prefill still does half
   the work; any other layout gets the bound its positions allow. Decode
   (at most 16 rows: one or a few tokens, nothing later to skip) does no scan.
+* K/V tiles: fp16/bf16 on sm_90 and newer, outside the decode space, each is
+  one TMA copy through a host tensor descriptor with a ``[1, 1, BLOCK_N,
+  BLOCK_D]`` box (``USE_TMA``, :func:`uses_tensor_descriptors`), which wgmma
+  reads from shared memory; elsewhere (sm_80, decode, fp32, the interpreter,
+  K/V strides no descriptor can address) masked pointer loads.
 * Delta norms are emitted by the split-0 program of each row block, before its
   K/V loop, for the tokens whose first row ``t * G`` lies in that block (each
   token exactly once): token ``t`` reads its query slot and token ``t - 1``'s
@@ -58,6 +63,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._triton_support import INTERPRET, LN_2_JIT, LOG2_E
 from ._triton_support import autotune, autotune_bucket, dot_precision, launch_options, tile_fully_visible
@@ -69,6 +75,27 @@ from .naive import AttentionResult, resolve_query_slots
 # Config spaces
 # --------------------------------------------------------------------------- #
 
+
+def _set_descriptor_blocks(nargs: dict) -> None:
+    """Config pre-hook: the K/V descriptors' box is the config's key tile, ``[1, 1, BLOCK_N, BLOCK_D]``.
+
+    The launcher builds the host descriptors before autotuning picks a config,
+    and the box is part of both the descriptor and the kernel's signature. On
+    the pointer path ``K_DESC``/``V_DESC`` are the plain tensors and stay as they are.
+    """
+    for name in ("K_DESC", "V_DESC"):
+        if isinstance(nargs[name], TensorDescriptor):
+            nargs[name].block_shape = [1, 1, nargs["BLOCK_N"], nargs["BLOCK_D"]]
+
+
+def _config(block_m: int, block_n: int, num_warps: int, num_stages: int) -> triton.Config:
+    """A config of the attention kernel (its pre-hook sizes the K/V descriptors' box)."""
+    return triton.Config(
+        {"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages,
+        pre_hook=_set_descriptor_blocks,
+    )
+
+
 # Prefill / chunked prefill: compute bound (4·rows·S·D FLOPs per (batch, kv head)
 # against 2·S·D·bytes of K/V), so big M tiles amortise each K/V tile over many
 # rows; N and the pipeline depth trade registers/shared memory against latency
@@ -78,12 +105,12 @@ from .naive import AttentionResult, resolve_query_slots
 # score tile and Q's operand do not fit 255 registers per thread side by side)
 # and are left out.
 PREFILL_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
+    _config(128, 64, 8, 3),
+    _config(128, 64, 8, 4),
+    _config(128, 32, 8, 3),
+    _config(64, 64, 8, 3),
+    _config(64, 32, 4, 4),
+    _config(64, 32, 4, 3),
 ]
 
 # Decode: memory bound (each K/V byte is used by only G rows), so the smallest M
@@ -92,16 +119,16 @@ PREFILL_CONFIGS = [
 # memory at 3 stages, above an H100 block's 227 KiB), at 8 warps they spill
 # with Triton 3.6 when splitting.
 DECODE_CONFIGS = [
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 128}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 128}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 128}, num_warps=8, num_stages=3),
+    _config(16, 64, 4, 3),
+    _config(16, 64, 4, 4),
+    _config(16, 128, 4, 3),
+    _config(16, 128, 8, 2),
+    _config(16, 128, 8, 3),
 ]
 
 # The interpreter runs one config; big tiles mean fewer interpreted iterations.
-INTERPRET_PREFILL_CONFIG = triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=4, num_stages=1)
-INTERPRET_DECODE_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 128}, num_warps=4, num_stages=1)
+INTERPRET_PREFILL_CONFIG = _config(128, 128, 4, 1)
+INTERPRET_DECODE_CONFIG = _config(16, 128, 4, 1)
 
 # Rows (T * G) up to this many use the decode space.
 DECODE_MAX_ROWS = 16
@@ -124,7 +151,7 @@ COMBINE_ROWS = 16 if INTERPRET else 4
 # them (a config tuned for 8 programs is not the one for 512).
 AUTOTUNE_KEY = [
     "BLOCK_D", "G", "ROWS_BUCKET", "KEYS_BUCKET", "PROGRAMS_BUCKET", "SPLITS_BUCKET",
-    "HAS_WINDOW", "WITH_DELTAS", "WRITE_LSE",
+    "HAS_WINDOW", "WITH_DELTAS", "WRITE_LSE", "USE_TMA",
 ]
 
 
@@ -135,7 +162,7 @@ AUTOTUNE_KEY = [
 
 @triton.jit
 def _attention_fwd_kernel(
-    Q, K, V, POS, QUERY_SLOTS, SLOT_COUNT, OUT, LSE, DK, DV, PREV_K, PREV_V,
+    Q, K, V, K_DESC, V_DESC, POS, QUERY_SLOTS, SLOT_COUNT, OUT, LSE, DK, DV, PREV_K, PREV_V,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
@@ -152,7 +179,7 @@ def _attention_fwd_kernel(
     HAS_WINDOW: tl.constexpr, HAS_SLOT_COUNT: tl.constexpr, WRITE_LSE: tl.constexpr,
     WITH_DELTAS: tl.constexpr, HAS_PREV_K: tl.constexpr, HAS_PREV_V: tl.constexpr,
     SKIP_BY_POSITION: tl.constexpr, SCAN_BLOCK: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -237,13 +264,25 @@ def _attention_fwd_kernel(
         keys = start + tl.arange(0, BLOCK_N)
         key_valid = keys < key_hi
         pos_k = tl.load(pos_row + keys * stride_ps, mask=key_valid, other=-1).to(tl.int32)
-        kv_mask = key_valid[:, None] & dim_valid[None, :]
-        # K is loaded transposed ([D, N]) so the score tile is a plain q @ k_t.
-        k_t = tl.load(
-            k_base + keys[None, :] * stride_ks + dims[:, None] * stride_kd,
-            mask=key_valid[None, :] & dim_valid[:, None], other=0.0,
-        )
-        v = tl.load(v_base + keys[:, None] * stride_vs + dims[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        if USE_TMA:
+            # One TMA copy per tile into shared memory, where wgmma reads it.
+            # The [1, 1, BLOCK_N, BLOCK_D] box never leaves this (batch, head);
+            # slots past S and dims past D come back as zeros. Keys in
+            # [key_hi, S) of a ragged last tile are real slots (finite data,
+            # as the twin also assumes of every slot): pos_k = -1 masks their
+            # scores, so their probabilities are exactly 0.
+            k_t = K_DESC.load([pid_bh // Hkv, pid_bh % Hkv, start, 0]).reshape(BLOCK_N, BLOCK_D).T
+            v = V_DESC.load([pid_bh // Hkv, pid_bh % Hkv, start, 0]).reshape(BLOCK_N, BLOCK_D)
+        else:
+            # K is loaded transposed ([D, N]) so the score tile is a plain q @ k_t.
+            k_t = tl.load(
+                k_base + keys[None, :] * stride_ks + dims[:, None] * stride_kd,
+                mask=key_valid[None, :] & dim_valid[:, None], other=0.0,
+            )
+            v = tl.load(
+                v_base + keys[:, None] * stride_vs + dims[None, :] * stride_vd,
+                mask=key_valid[:, None] & dim_valid[None, :], other=0.0,
+            )
         if UPCAST:
             k_t = k_t.to(tl.float32)
             v = v.to(tl.float32)
@@ -391,6 +430,53 @@ def split_plan(num_keys: int, num_splits: int) -> tuple[int, int]:
     return keys_per_split, triton.cdiv(num_keys, keys_per_split)
 
 
+def descriptor_layout_ok(*planes: torch.Tensor) -> bool:
+    """Whether a TMA descriptor can address each ``[B, H, S, D]`` plane as it is laid out.
+
+    TMA needs the last dim contiguous, and the base address and every other
+    stride in bytes multiples of 16 (views into a padded or odd-sized buffer
+    may not be); a descriptor also has no empty dim.
+    """
+    return all(
+        x.numel() > 0 and x.stride(-1) == 1 and x.data_ptr() % 16 == 0
+        and all(stride * x.element_size() % 16 == 0 for stride in x.stride()[:-1])
+        for x in planes
+    )
+
+
+def uses_tensor_descriptors(k: torch.Tensor, v: torch.Tensor, num_rows: int) -> bool:
+    """Whether a launch of ``num_rows = T * G`` rows loads its K/V tiles through TMA descriptors.
+
+    Yes for fp16/bf16 outside the decode space when Triton compiles for an
+    NVIDIA GPU of compute capability 9.0 or newer (the current target, so the
+    static report's stand-in sm_90 counts) and :func:`descriptor_layout_ok`;
+    never under the interpreter. There the dots are wgmma, which reads K and
+    V straight from the shared memory TMA fills. The rest keeps the pointer
+    path, where descriptors only cost: decode (no wgmma at 16 rows; some of
+    its configs spill 8 bytes with descriptors, a different one with Triton
+    3.6 and 3.9) and fp32 (no wgmma either; the transposed K tile goes
+    through registers and every prefill config spills 2-4.6 KiB at D = 128).
+    """
+    if INTERPRET or uses_decode_space(num_rows) or k.element_size() != 2:
+        return False
+    target = triton.runtime.driver.active.get_current_target()
+    return target.backend == "cuda" and target.arch >= 90 and descriptor_layout_ok(k, v)
+
+
+def _kv_operands(k: torch.Tensor, v: torch.Tensor, use_tma: bool, block_d: int, config: triton.Config | None) -> tuple:
+    """``(K_DESC, V_DESC)``: host descriptors over the whole ``[B, Hkv, S, D]`` planes, or ``k``, ``v``.
+
+    The box ``[1, 1, BLOCK_N, block_d]`` is one (batch, head)'s key tile, so a
+    tile never reads another head's slots. An explicit ``config`` gives
+    ``BLOCK_N``; an autotuned launch gets it from each config's pre-hook
+    (:func:`_set_descriptor_blocks`), which overwrites the 16 set here.
+    """
+    if not use_tma:
+        return k, v
+    box = [1, 1, config.kwargs["BLOCK_N"] if config is not None else 16, block_d]
+    return TensorDescriptor.from_tensor(k, box), TensorDescriptor.from_tensor(v, box)
+
+
 # --------------------------------------------------------------------------- #
 # Launcher
 # --------------------------------------------------------------------------- #
@@ -412,11 +498,15 @@ def slot_attention(
     num_splits: int | None = None,
     slot_count: torch.Tensor | None = None,
     config: triton.Config | None = None,
+    use_tma: bool | None = None,
 ) -> AttentionResult:
     """Triton twin of :func:`epikv_triton.ops.naive.slot_attention` (inputs already validated).
 
     ``config`` launches that config instead of autotuning (tests use it to run
     every config of :data:`PREFILL_CONFIGS` / :data:`DECODE_CONFIGS`).
+    ``use_tma`` picks the K/V load path; ``None`` leaves it to
+    :func:`uses_tensor_descriptors` (tests force ``True`` under the
+    interpreter, which runs descriptors too; the layout must then allow one).
     """
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
@@ -450,6 +540,13 @@ def slot_attention(
     if with_deltas:
         dk = torch.empty((B, Hkv, T), dtype=torch.float32, device=q.device)
         dv = torch.empty((B, Hkv, T), dtype=torch.float32, device=q.device)
+    if use_tma is None:
+        use_tma = uses_tensor_descriptors(k, v, num_rows)
+    elif use_tma and not descriptor_layout_ok(k, v):
+        raise ValueError("use_tma=True needs k and v with a contiguous last dim and 16-byte aligned strides")
+    block_d = max(16, triton.next_power_of_2(D))
+    k_desc, v_desc = _kv_operands(k, v, use_tma, block_d, config)
+
     has_prev_k = with_deltas and prev_k is not None
     has_prev_v = with_deltas and prev_v is not None
     # Unused pointer arguments get a harmless stand-in; their code is compiled out.
@@ -459,8 +556,8 @@ def slot_attention(
     prev_v_strides = prev_v.stride() if has_prev_v else (0, 0, 0)
 
     args = (
-        q, k, v, pos, query_slots, slot_count if slot_count is not None else pos, target_out, target_lse,
-        dk if dk is not None else out, dv if dv is not None else out,
+        q, k, v, k_desc, v_desc, pos, query_slots, slot_count if slot_count is not None else pos,
+        target_out, target_lse, dk if dk is not None else out, dv if dv is not None else out,
         prev_k_arg, prev_v_arg,
         *q.stride(), *k.stride(), *v.stride(), *pos.stride(), *query_slots.stride(),
         slot_count.stride(0) if slot_count is not None else 0,
@@ -472,7 +569,7 @@ def slot_attention(
         autotune_bucket(num_rows), autotune_bucket(S), autotune_bucket(B * Hkv), autotune_bucket(num_splits),
     )
     constants = dict(
-        BLOCK_D=max(16, triton.next_power_of_2(D)),
+        BLOCK_D=block_d,
         HAS_WINDOW=window is not None,
         HAS_SLOT_COUNT=slot_count is not None,
         WRITE_LSE=write_lse,
@@ -483,6 +580,7 @@ def slot_attention(
         SCAN_BLOCK=SCAN_BLOCK,
         UPCAST=INTERPRET,
         DOT_PRECISION=dot_precision(q.dtype),
+        USE_TMA=use_tma,
     )
 
     def grid(meta: dict) -> tuple[int, int, int]:
@@ -509,7 +607,9 @@ __all__ = [
     "DECODE_CONFIGS",
     "PREFILL_CONFIGS",
     "choose_num_splits",
+    "descriptor_layout_ok",
     "slot_attention",
     "split_plan",
     "uses_decode_space",
+    "uses_tensor_descriptors",
 ]

@@ -11,9 +11,11 @@ import math
 
 import pytest
 import torch
+import triton
 
 from epikv_triton.ops import attention, naive
 from epikv_triton.ops.attention import DECODE_CONFIGS, PREFILL_CONFIGS
+from perf.static_report import StandInDriver
 from tests.helpers import (
     ANY_SLOT_CASES, assert_close_rms, buffer_in_use, cache_positions, chunk_positions, device, poisoning_runner,
     prefill_positions, randn, shuffle_slots,
@@ -60,10 +62,15 @@ def poisoned_allocations(monkeypatch):
     return poisoning_runner(monkeypatch, attention.slot_attention)
 
 
+# Launcher arguments the twin does not take: how the kernel runs, not what it computes.
+LAUNCH_ONLY = ("config", "use_tma")
+
+
 def check_against_twin(run, q, k, v, pos, **kwargs):
     """Run the Triton kernel and the twin with the same arguments; compare everything."""
     result = run(q, k, v, pos, **kwargs)
-    kwargs.pop("config", None)
+    for name in LAUNCH_ONLY:
+        kwargs.pop(name, None)
     expected = naive.slot_attention(q, k, v, pos, **kwargs)
     dtype = q.dtype
     assert result.out.dtype == q.dtype and result.out.is_contiguous()
@@ -348,7 +355,7 @@ def check_any_layout(run, q, k, v, pos, empty_slots, **kwargs):
     ``empty_slots`` empty slots mixed in): the kernel must match the twin there, and the twin there must
     match the twin in the default layout, since nothing may depend on slot order."""
     T = q.shape[2]
-    default = naive.slot_attention(q, k, v, pos, **{n: a for n, a in kwargs.items() if n != "config"})
+    default = naive.slot_attention(q, k, v, pos, **{n: a for n, a in kwargs.items() if n not in LAUNCH_ONLY})
     pos, k, v, slot_of = shuffle_slots(pos, k, v, empty_slots=empty_slots)
     query_slots = slot_of[:, -T:]
     assert not bool((query_slots == torch.arange(k.shape[2] - T, k.shape[2], device=q.device)).all()), "setup"
@@ -485,6 +492,99 @@ def test_deltas_ignore_padding_and_cache(poisoned_allocations):
     new_k = k[:, :, 3:].float()
     torch.testing.assert_close(result.dk[:, :, 1:], (new_k[:, :, 1:] - new_k[:, :, :-1]).norm(dim=-1))
     assert bool(torch.isnan(result.dk[:, :, 0]).all())
+
+
+# --------------------------------------------------------------------------- #
+# TMA: K/V tiles through tensor descriptors
+# --------------------------------------------------------------------------- #
+# A GPU takes this path on sm_90 outside the decode space. The interpreter runs
+# descriptors too, so use_tma=True checks the kernel's descriptor branch on a CPU.
+
+needs_descriptors = pytest.mark.skipif(
+    torch.cuda.is_available() and torch.cuda.get_device_capability() < (9, 0),
+    reason="TMA descriptors need sm_90 or newer (or the interpreter)",
+)
+
+
+@pytest.mark.parametrize(
+    "T, Hq, Hkv, D, dtype, layout",
+    [
+        (129, 8, 2, 128, torch.bfloat16, "contiguous"),  # ragged last tile in every (batch, head)
+        (40, 6, 2, 80, torch.float16, "contiguous"),     # D < BLOCK_D: the box's dims past D read zeros
+        (200, 3, 1, 8, torch.bfloat16, "contiguous"),    # G = 3, 16 bytes a key
+        (45, 4, 2, 64, torch.float16, "bshd"),           # transposed views of padded storage, still aligned
+    ],
+)
+@pytest.mark.parametrize("config", [None, SMALL_TILES], ids=["autotuned", "small-tiles"])
+@needs_descriptors
+def test_tensor_descriptor_path(poisoned_allocations, T, Hq, Hkv, D, dtype, layout, config):
+    """Chunked prefill, two sequences (one left-padded): a tile past S must read zeros, never the next
+    head's or sequence's slots. ``config=None`` sizes the box through the autotuner's pre-hook."""
+    torch.manual_seed(T + D)
+    B, C = 2, 23
+    q, k, v = qkv(B, Hq, Hkv, T, C + T, D, dtype, layout=layout)
+    assert attention.descriptor_layout_ok(k, v)
+    pos = cache_positions(B, C, T, seen=30, holes=4, pad=(0, 11))
+    check_against_twin(
+        poisoned_allocations, q, k, v, pos, window=60, prev_k=k[:, :, 0], prev_v=v[:, :, 0], return_lse=True,
+        use_tma=True, config=config,
+    )
+
+
+@pytest.mark.parametrize("config", PREFILL_CONFIGS, ids=lambda c: config_id(c))
+@needs_descriptors
+def test_tensor_descriptor_path_any_slots_splits_and_slot_count(poisoned_allocations, config):
+    """Every prefill config on the descriptor path, over shuffled slots with empty ones, then split three
+    ways with ``slot_count`` hiding stale slots: tiles that run past the split or the count load those
+    slots whole, and positions alone must keep them out."""
+    torch.manual_seed(17)
+    B, Hq, Hkv, C, T, D = 1, 4, 2, 60, 40, 32
+    q, k, v = qkv(B, Hq, Hkv, T, C + T, D, torch.float16)
+    pos = cache_positions(B, C, T, seen=90, holes=6)
+    check_any_layout(
+        poisoned_allocations, q, k, v, pos, 30, window=70, prev_k=k[:, :, 0], return_lse=True,
+        use_tma=True, config=config,
+    )
+    S = 300
+    q, k, v = qkv(2, Hq, Hkv, T, S, D, torch.float16)
+    pos, query_slots, slot_count = buffer_in_use([150, 270], S, T, seen=400)
+    check_against_twin(
+        poisoned_allocations, q, k, v, pos, query_slots=query_slots, slot_count=slot_count, num_splits=3,
+        return_lse=True, use_tma=True, config=config,
+    )
+
+
+def test_descriptor_path_choice(monkeypatch):
+    """TMA for 16-bit prefill on sm_90 when the layout allows it; the pointer path on sm_80, for decode,
+    for fp32, under the interpreter, and whenever the layout rules a descriptor out."""
+    k = torch.zeros(1, 2, 64, 64, dtype=torch.float16, device=device())
+    odd = torch.zeros(1, 2, 64, 6, dtype=torch.float16, device=device())  # 12-byte slot stride
+    shifted = torch.zeros(1 + 2 * 64 * 64, dtype=torch.float16, device=device())[1:].view(1, 2, 64, 64)
+    strided = torch.zeros(1, 2, 64, 128, dtype=torch.float16, device=device())[..., ::2]
+    assert attention.descriptor_layout_ok(k, k)
+    for plane in (odd, shifted, strided):
+        assert not attention.descriptor_layout_ok(k, plane)
+    on_hopper = not attention.INTERPRET and torch.cuda.get_device_capability() >= (9, 0)
+    assert attention.uses_tensor_descriptors(k, k, 512) == on_hopper  # never under the interpreter
+
+    # What a GPU launch would pick, with the static report's stand-in driver as the compile target.
+    monkeypatch.setattr(attention, "INTERPRET", False)
+    previous = triton.runtime.driver._active
+    try:
+        triton.runtime.driver.set_active(StandInDriver(90))
+        assert attention.uses_tensor_descriptors(k, k, 512)
+        assert attention.uses_tensor_descriptors(k.bfloat16(), k.bfloat16(), attention.DECODE_MAX_ROWS + 1)
+        assert not attention.uses_tensor_descriptors(k, k, attention.DECODE_MAX_ROWS)
+        assert not attention.uses_tensor_descriptors(k.float(), k.float(), 512)
+        assert not attention.uses_tensor_descriptors(k, shifted, 512)
+        triton.runtime.driver.set_active(StandInDriver(80))
+        assert not attention.uses_tensor_descriptors(k, k, 512)
+    finally:
+        triton.runtime.driver.set_active(previous)
+
+    q = torch.zeros(1, 2, 64, 6, dtype=torch.float16, device=device())
+    with pytest.raises(ValueError, match="use_tma"):
+        attention.slot_attention(q, odd, odd, prefill_positions(1, 64), use_tma=True)
 
 
 # --------------------------------------------------------------------------- #
