@@ -138,3 +138,50 @@ def test_compiled_decode_on_the_kernels(monkeypatch):
     assert min(s.tokens_evicted for s in cache.stats().sequences) > 2
     assert torch.equal(actual, expected)
     assert cache.kept_positions() == eager_cache.kept_positions()
+
+
+def cache_tensors(root) -> dict[str, torch.Tensor]:
+    """Every tensor reachable from ``root`` through attributes, lists, tuples and dicts, by path."""
+    found, seen = {}, set()
+
+    def walk(value, path):
+        if isinstance(value, torch.Tensor):
+            found.setdefault(path, value)
+        elif id(value) in seen or isinstance(value, (str, int, float, bool, type(None), torch.nn.Module)):
+            return
+        elif isinstance(value, (list, tuple)):
+            seen.add(id(value))
+            for index, item in enumerate(value):
+                walk(item, f"{path}[{index}]")
+        elif isinstance(value, dict):
+            seen.add(id(value))
+            for key, item in value.items():
+                walk(item, f"{path}[{key!r}]")
+        elif hasattr(value, "__dict__"):
+            seen.add(id(value))
+            for name, item in vars(value).items():
+                walk(item, f"{path}.{name}")
+
+    walk(root, "slots")
+    return found
+
+
+@pytest.mark.parametrize("method", ["epikv", "kv", "h2o", "lag_kv"])
+def test_state_a_compiled_step_updates_in_place_is_marked_static(method):
+    """CUDA-graph capture (``mode="reduce-overhead"``) skips a graph that mutates an input it does not
+    know to be static: every cache tensor a compiled step updates in place must carry the mark."""
+    model = patched_copy(tiny_model("llama"), budget=BUDGET, method=method)
+    cache = epikv_triton.new_cache(model)
+    prompt = prompts(2)
+    step = compiled_step(model, "aot_eager")
+    token = prompt["input_ids"][:, -1:]
+    with torch.no_grad():
+        model(**prompt, use_cache=True, **cached(cache))
+        for _ in range(BUDGET):  # to the budget, so the measured step evicts
+            step(input_ids=token, use_cache=True, **cached(cache))
+        before = {path: (tensor, tensor._version) for path, tensor in cache_tensors(cache.slots).items()}
+        step(input_ids=token, use_cache=True, **cached(cache))
+    updated = [path for path, (tensor, version) in before.items() if tensor._version != version]
+    assert {"slots.kv", "slots.pos", "slots.scores", "slots.counters"} <= set(updated)
+    unmarked = [path for path in updated if not hasattr(before[path][0], "_dynamo_static_input_type")]
+    assert not unmarked, f"updated in place but not marked static: {unmarked}"
