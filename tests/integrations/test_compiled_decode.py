@@ -55,6 +55,7 @@ def compiled_step(model, backend):
     [
         ("llama", "epikv", 1, "aot_eager"),
         ("qwen2-sliding", "epikv", 1, "aot_eager"),
+        ("qwen3", "epikv_flat", 1, "aot_eager"),
         ("llama", "kv", 4, "aot_eager"),
         ("qwen2-sliding", "h2o", 3, "aot_eager"),
         ("llama", "lag_kv", 1, "aot_eager"),
@@ -185,3 +186,26 @@ def test_state_a_compiled_step_updates_in_place_is_marked_static(method):
     assert {"slots.kv", "slots.pos", "slots.scores", "slots.counters"} <= set(updated)
     unmarked = [path for path in updated if not hasattr(before[path][0], "_dynamo_static_input_type")]
     assert not unmarked, f"updated in place but not marked static: {unmarked}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph capture needs a GPU")
+@pytest.mark.parametrize("backend", ["cudagraphs", "inductor"])
+def test_cuda_graph_replay_matches_eager(backend):
+    """The decode step captured as a CUDA graph and replayed (``cudagraphs``: the eager kernels, captured;
+    ``inductor`` with ``mode="reduce-overhead"``), 100 steps past the budget: no capture skipped, one
+    compile, the eager tokens."""
+    from torch._dynamo.utils import counters
+
+    model = patched_copy(tiny_model("qwen2-sliding"), budget=BUDGET, evict_every=2).cuda()
+    prompt = {name: tensor.cuda() for name, tensor in prompts(2).items()}
+    num_steps = BUDGET + STEPS_PAST_BUDGET
+    mode = "reduce-overhead" if backend == "inductor" else None
+    counters.clear()
+    with torch.no_grad():
+        expected, eager_cache = decode_stream(model, eager_step(model), prompt, num_steps)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            step = torch.compile(model, backend=backend, mode=mode, fullgraph=True)
+            actual, cache = decode_stream(model, step, prompt, num_steps)
+    assert counters["inductor"]["cudagraph_skips"] == 0, "CUDA-graph capture was skipped"
+    assert torch.equal(actual, expected)
+    assert cache.kept_positions() == eager_cache.kept_positions()
