@@ -231,7 +231,7 @@ class SlotCache:
             raise ValueError(
                 f"a compiled chunk holds at most {room} tokens with this cache (capacity {self.kv.shape[4]}, budget "
                 f"{config.budget}, evict_every {config.evict_every}); got {num_tokens}. Run longer chunks eagerly, "
-                "or make the cache with chunk_size=<longest compiled chunk>"
+                f"or make the cache with chunk_size={num_tokens + config.evict_every - 1} or more"
             )
 
     def _fit_declared_prompts(self, batch: int) -> None:

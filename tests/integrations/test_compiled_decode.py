@@ -107,6 +107,33 @@ def test_generate_compile_config_compiles_the_decode_step():
     assert torch.equal(actual, expected)
 
 
+@pytest.mark.parametrize("evict_every", [1, 3])
+def test_compiled_chunks_of_several_tokens_match_eager(evict_every):
+    """Chunks of 4 tokens compile too, given the room the refusal below names (``chunk_size``)."""
+    model = patched_copy(tiny_model("llama"), budget=BUDGET, evict_every=evict_every)
+    chunk_tokens = 4
+
+    def stream(step):
+        cache = epikv_triton.new_cache(model, chunk_size=chunk_tokens + evict_every - 1)
+        logits = model(**prompts(2), use_cache=True, **cached(cache)).logits
+        tokens = []
+        for _ in range(BUDGET):
+            token = logits[:, -1:].argmax(dim=-1)
+            tokens.append(token)
+            chunk = token.repeat(1, chunk_tokens)
+            logits = step(input_ids=chunk, attention_mask=torch.ones_like(chunk), use_cache=True, **cached(cache))
+            logits = logits.logits
+        return torch.cat(tokens, dim=1), cache
+
+    with torch.no_grad():
+        expected, eager_cache = stream(model)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            actual, cache = stream(compiled_step(model, "aot_eager"))
+    assert min(s.tokens_evicted for s in cache.stats().sequences) > BUDGET
+    assert torch.equal(actual, expected)
+    assert cache.stats() == eager_cache.stats()
+
+
 @pytest.mark.parametrize(
     "method, new_tokens, message",
     [
