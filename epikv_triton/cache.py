@@ -132,6 +132,7 @@ class SlotCache:
         self.counters: torch.Tensor | None = None  # [4] int64: fill, stream_length, peak_fill, eviction_passes
         self.host_stale = False  # a compiled step ran since the host counters were last read back
         self.chunk_slots: torch.Tensor | None = None  # [T] the slots of a compiled step's chunk
+        self.chunk_write_index: tuple[torch.Tensor, ...] | None = None  # see _begin_compiled_chunk
         self.slot_count: torch.Tensor | None = None  # [B] slots in use during a compiled step
 
     # ----------------------------------------------------------------- chunks
@@ -207,6 +208,17 @@ class SlotCache:
         self.slot_count = (fill + T).expand(B)
         self.pos.index_copy_(1, self.chunk_slots, positions)
         self.scores.index_fill_(1, self.chunk_slots, 0.0)
+        # The K/V write index of every layer but the layer itself, made once per chunk: it broadcasts to
+        # [2 (K, V), B, Hkv, T, D].
+        _, _, _, H, _, D = self.kv.shape
+        device = positions.device
+        self.chunk_write_index = (
+            torch.arange(2, device=device)[:, None, None, None, None],
+            torch.arange(B, device=device)[:, None, None, None],
+            torch.arange(H, device=device)[:, None, None],
+            self.chunk_slots[:, None],
+            torch.arange(D, device=device),
+        )
         self.scorer.begin_chunk(self.chunk)
         self.host_stale = True
 
@@ -262,17 +274,9 @@ class SlotCache:
         """One ``index_put_`` on the whole buffer with every index explicit. An update through a view
         (``kv[0, layer].index_copy_``) is functionalized into a copy of the whole buffer per layer, which
         Inductor cannot make in place again; an indexed update of the base it can."""
-        _, _, B, H, _, D = self.kv.shape
-        device = key.device
-        index = (
-            torch.arange(2, device=device)[:, None, None, None, None],
-            torch.full((), layer, device=device),
-            torch.arange(B, device=device)[:, None, None, None],
-            torch.arange(H, device=device)[:, None, None],
-            self.chunk_slots[:, None],
-            torch.arange(D, device=device),
-        )
-        self.kv.index_put_(index, torch.stack([key, value]))
+        planes, batch, heads, slots, dims = self.chunk_write_index
+        layer_index = torch.full((), layer, device=key.device)
+        self.kv.index_put_((planes, layer_index, batch, heads, slots, dims), torch.stack([key, value]))
 
     def attend(
         self,
@@ -362,14 +366,14 @@ class SlotCache:
         evicted, moved = self._evict_compiled(due)
         self.tokens_evicted += evicted
         self.slots_moved += moved
-        fill, stream_length, peak_fill, passes = self.counters.unbind()
+        _, stream_length, peak_fill, passes = self.counters.unbind()
         self.counters.copy_(
             torch.stack([
                 torch.where(due, config.budget, used), stream_length + chunk.positions.shape[1],
                 torch.maximum(peak_fill, used), passes + due.long(),
             ])
         )
-        self.chunk = self.chunk_slots = self.slot_count = None
+        self.chunk = self.chunk_slots = self.slot_count = self.chunk_write_index = None
 
     # --------------------------------------------------------------- eviction
     def evict(self) -> None:

@@ -92,7 +92,7 @@ class PositionedDecoder(GreedyDecoder):
 
 
 @contextlib.contextmanager
-def run_cache(model, policy: Policy | None, context: int, batch: int) -> Iterator:
+def run_cache(model, policy: Policy | None, context: int) -> Iterator:
     if policy is None:
         yield StaticCache(config=model.config, max_cache_len=context + STEPS_PER_MEASUREMENT)
     else:
@@ -104,7 +104,7 @@ def step_seconds(model, policy: Policy | None, compiled: bool, context: int, bat
     torch._dynamo.reset()
     step = torch.compile(model, fullgraph=True, mode="reduce-overhead" if ON_GPU else None) if compiled else model
     read_chunk = READ_CHUNK if policy is None or policy.kind == "full" else EPIKV_READ_CHUNK
-    with torch.inference_mode(), run_cache(model, policy, context, batch) as cache:
+    with torch.inference_mode(), run_cache(model, policy, context) as cache:
         decoder = PositionedDecoder(model, cache, step, batch, context)
         decoder.read(random_tokens(context, seed=context, batch=batch), chunk=read_chunk)
         measure.synchronize(DEV)

@@ -42,10 +42,6 @@ def decode_stream(model, step, prompt, num_steps, eager_tail=0):
     return torch.cat(tokens, dim=1), cache
 
 
-def eager_step(model):
-    return model
-
-
 def compiled_step(model, backend):
     return torch.compile(model, backend=backend, fullgraph=True)
 
@@ -68,7 +64,7 @@ def test_compiled_decode_compiles_once_and_matches_eager(family, method, evict_e
     prompt = prompts(2)  # the second sequence is left-padded
     num_steps = BUDGET + STEPS_PAST_BUDGET  # even a sequence with no real prompt token runs 100 past it
     with torch.no_grad():
-        expected, eager_cache = decode_stream(model, eager_step(model), prompt, num_steps, eager_tail=3)
+        expected, eager_cache = decode_stream(model, model, prompt, num_steps, eager_tail=3)
         with torch._dynamo.config.patch(error_on_recompile=True):
             actual, cache = decode_stream(model, compiled_step(model, backend), prompt, num_steps, eager_tail=3)
 
@@ -160,7 +156,7 @@ def test_compiled_decode_on_the_kernels(monkeypatch):
     prompt = prompts(2)
     num_steps = 14  # past the budget for both sequences (12 and 7 real prompt tokens)
     with torch.no_grad():
-        expected, eager_cache = decode_stream(model, eager_step(model), prompt, num_steps)
+        expected, eager_cache = decode_stream(model, model, prompt, num_steps)
         with torch._dynamo.config.patch(error_on_recompile=True):
             actual, cache = decode_stream(model, compiled_step(model, "aot_eager"), prompt, num_steps)
     assert min(s.tokens_evicted for s in cache.stats().sequences) > 2
@@ -229,7 +225,7 @@ def test_cuda_graph_replay_matches_eager(backend):
     mode = "reduce-overhead" if backend == "inductor" else None
     counters.clear()
     with torch.no_grad():
-        expected, eager_cache = decode_stream(model, eager_step(model), prompt, num_steps)
+        expected, eager_cache = decode_stream(model, model, prompt, num_steps)
         with torch._dynamo.config.patch(error_on_recompile=True):
             step = torch.compile(model, backend=backend, mode=mode, fullgraph=True)
             actual, cache = decode_stream(model, step, prompt, num_steps)
