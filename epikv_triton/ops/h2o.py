@@ -136,7 +136,10 @@ def _column_sums_kernel(
     slot_row = QUERY_SLOTS + b * stride_sb
     oldest_key = tl.min(tl.where(pos_k >= 0, pos_k, 2147483647), axis=0)
     if HAS_WINDOW:
-        latest_seeing = tl.max(pos_k, axis=0) + window - 1
+        # Saturated at the largest int32: newest + window - 1 wraps negative for a
+        # huge window (2**31 - 1 as "no window"), and then no token would see the block.
+        newest_key = tl.max(pos_k, axis=0)
+        latest_seeing = newest_key + tl.minimum(window - 1, 2147483647 - tl.maximum(newest_key, 0))
     else:
         latest_seeing = 2147483647
     token_lo, token_hi = _seeing_token_range(

@@ -210,6 +210,19 @@ def test_prefill_sliding_window(poisoned_allocations, dtype):
     check_against_twin(poisoned_allocations, q, k, v, pos, window=16, return_lse=True)
 
 
+@pytest.mark.parametrize("T", [1, 40], ids=["decode", "chunk"])
+def test_largest_int32_window_sees_everything(poisoned_allocations, T):
+    """window = 2**31 - 1 (a "no window" sentinel) gives exactly the windowless result."""
+    torch.manual_seed(19)
+    B, Hq, Hkv, C, D = 2, 4, 2, 30, 32
+    q, k, v = qkv(B, Hq, Hkv, T, C + T, D, torch.float32)
+    pos = cache_positions(B, C, T, seen=40, holes=3, pad=(0, 6))
+    result, _ = check_against_twin(poisoned_allocations, q, k, v, pos, window=2**31 - 1, return_lse=True)
+    unwindowed = naive.slot_attention(q, k, v, pos, return_lse=True)
+    torch.testing.assert_close(result.out, unwindowed.out)
+    torch.testing.assert_close(result.lse, unwindowed.lse)
+
+
 def test_custom_scale_with_large_scores(poisoned_allocations):
     """Scores in the hundreds: the online softmax must rescale without overflow."""
     torch.manual_seed(3)

@@ -288,6 +288,17 @@ def test_fully_visible_tiles_skip_the_mask(poisoned_run, C, T, window, config):
     check_against_twin(poisoned_run, q, k, pos, window=window, config=config)
 
 
+def test_largest_int32_window_sees_everything(poisoned_run):
+    """window = 2**31 - 1 (a "no window" sentinel): the window skip's newest key + window - 1 must not
+    wrap, or no token sees any block and every sum is 0."""
+    torch.manual_seed(18)
+    B, Hq, Hkv, C, T, D = 2, 4, 2, 30, 20, 32
+    q, k = qk(B, Hq, Hkv, T, C + T, D, torch.float32)
+    pos = cache_positions(B, C, T, seen=40, holes=3, pad=(0, 6))
+    got, _ = check_against_twin(poisoned_run, q, k, pos, window=2**31 - 1)
+    torch.testing.assert_close(got, naive.attention_column_sums(q, k, pos, pass_one_lse(q, k, pos)))
+
+
 def test_window_of_one_sees_only_itself(poisoned_run):
     """window = 1: each query sees only its own key, so every new slot gets exactly G."""
     torch.manual_seed(13)
