@@ -98,6 +98,24 @@ def tile_fully_visible(pos_q_min, pos_q_max, pos_k, window, HAS_WINDOW: tl.const
 
 
 @triton.jit
+def slots_in_use_end(count_ptr, S):
+    """int32 ``slot_count`` read from ``count_ptr``, clamped to ``[0, S]`` before the cast: an int64
+    count of 2**31 or more means every slot, not a wrapped one."""
+    return tl.maximum(tl.minimum(tl.load(count_ptr), S), 0).to(tl.int32)
+
+
+@triton.jit
+def query_positions(pos_row, stride_ps, query_slot, valid, slot_end):
+    """int32 positions of ``query_slot``; -1 where not ``valid`` or outside ``[0, slot_end)``.
+
+    Query slots are not checked on the host (a sync), so the bound also keeps a bad one from reading
+    outside ``pos``.
+    """
+    used = valid & (query_slot >= 0) & (query_slot < slot_end)
+    return tl.load(pos_row + query_slot * stride_ps, mask=used, other=-1).to(tl.int32)
+
+
+@triton.jit
 def visible_slot_range(pos_row, stride_ps, lo, hi, oldest, latest, SCAN_BLOCK: tl.constexpr):
     """``(first, end)``: the slots of ``[lo, hi)`` holding a position in ``[oldest, latest]`` all lie in
     ``[first, end)``; ``first >= end`` when none does.

@@ -309,7 +309,8 @@ def compact_slots_(
     ``pos``: ``[B, S]`` int; ``scores``: ``[B, S]`` float32 slot metadata.
     ``destination``: ``[B, W]`` int64 from :func:`compaction_plan`: slot
     ``S - W + j`` moves to slot ``destination[b, j] < S - W``, or is dropped
-    (``-1``). Destinations must be distinct (not checked: a host sync).
+    (``-1``). Destinations must be distinct and below ``S - W`` (not checked: a host sync; the
+    Triton kernel drops a slot whose destination is not, where this twin may raise).
 
     Afterwards every moved slot's K/V, position and score sit at its
     destination, and slots ``>= S - W`` have ``pos = -1``, ``score = NaN``

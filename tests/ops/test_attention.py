@@ -438,6 +438,49 @@ def test_slot_count_bounds_the_slots_in_use(poisoned_allocations, T, num_splits)
     assert bool((result.out[0] == 0).all()) and bool(torch.isneginf(result.lse[0]).all())
 
 
+def test_slot_count_past_int32_means_every_slot(poisoned_allocations):
+    """An int64 slot count of 2**31 or more is clamped to S before the kernel's int32 cast, not wrapped
+    (2**31 would become "no slot", 2**32 + 3 three slots)."""
+    torch.manual_seed(20)
+    B, Hq, Hkv, C, T, D = 2, 4, 2, 30, 1, 32
+    q, k, v = qkv(B, Hq, Hkv, T, C + T, D, torch.float32)
+    pos = cache_positions(B, C, T, seen=40, holes=3)
+    slot_count = torch.tensor([2**31, 2**32 + 3], device=device())
+    result, _ = check_against_twin(poisoned_allocations, q, k, v, pos, slot_count=slot_count, return_lse=True)
+    every_slot = naive.slot_attention(q, k, v, pos, return_lse=True)
+    torch.testing.assert_close(result.lse, every_slot.lse)
+
+
+@pytest.mark.parametrize("T", [1, 20], ids=["decode", "chunk"])
+def test_negative_query_slot_is_blind_and_reads_nothing_outside(poisoned_allocations, T):
+    """Query slots are not checked with ``check_positions=False``: slot -1 must read neither the word
+    before a row of ``pos`` (here a position every key is visible to) nor another head's K/V. It is
+    a blind query whose K/V read as zeros: the twin's result with that query in an empty, zeroed slot."""
+    torch.manual_seed(21 + T)
+    B, Hq, Hkv, C, D = 2, 4, 2, 30, 32
+    S = C + T
+    q, k, v = qkv(B, Hq, Hkv, T, S, D, torch.float32)
+    wide = torch.full((B, S + 1), 1000, dtype=torch.int64, device=device())
+    pos = wide[:, 1:]
+    pos.copy_(cache_positions(B, C, T, seen=40, holes=3))
+    query_slots = naive.last_slots(B, T, S, device()).clone()
+    query_slots[1, 0] = -1
+    prev = vectors(B, Hkv, D, torch.float32)
+    kwargs = dict(prev_k=prev, prev_v=prev, return_lse=True)
+    result = poisoned_allocations(q, k, v, pos, query_slots=query_slots, **kwargs)
+
+    empty = int((pos[1, :C] < 0).nonzero()[0, 0])  # a hole of the cache stands in for slot -1
+    standin_slots = query_slots.clone()
+    standin_slots[1, 0] = empty
+    zeroed_k, zeroed_v = k.clone(), v.clone()
+    zeroed_k[1, :, empty] = 0
+    zeroed_v[1, :, empty] = 0
+    expected = naive.slot_attention(q, zeroed_k, zeroed_v, pos, query_slots=standin_slots, **kwargs)
+    for name in ("out", "dk", "dv", "lse"):
+        assert_close_rms(getattr(result, name), getattr(expected, name), torch.float32, name)
+    assert bool((result.out[1, :, 0] == 0).all()) and bool(torch.isneginf(result.lse[1, :, 0]).all())
+
+
 def test_explicit_last_slots_equal_the_default(poisoned_allocations):
     """query_slots naming the last T slots, int32 and strided, is exactly the default call."""
     torch.manual_seed(16)

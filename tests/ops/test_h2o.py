@@ -214,6 +214,39 @@ def test_slot_count_bounds_the_slots_in_use(poisoned_run, T):
     assert bool((got[past_count] == 0).all()) and bool((got[0] == 0).all())
 
 
+def test_slot_count_past_int32_means_every_slot(poisoned_run):
+    """An int64 slot count of 2**31 or more is clamped to S before the kernel's int32 cast, not wrapped."""
+    torch.manual_seed(20)
+    B, Hq, Hkv, C, T, D = 2, 4, 2, 30, 20, 32
+    q, k = qk(B, Hq, Hkv, T, C + T, D, torch.float32)
+    pos = cache_positions(B, C, T, seen=40, holes=3)
+    slot_count = torch.tensor([2**31, 2**32 + 3], device=device())
+    got, _ = check_against_twin(poisoned_run, q, k, pos, slot_count=slot_count)
+    torch.testing.assert_close(got, naive.attention_column_sums(q, k, pos, pass_one_lse(q, k, pos)))
+
+
+@pytest.mark.parametrize("T", [1, 20], ids=["decode", "chunk"])
+def test_negative_query_slot_is_blind(poisoned_run, T):
+    """Query slots are not checked with ``check_positions=False``: slot -1 must not read the word before a
+    row of ``pos`` (here a position that sees every key). It is a blind query, contributing nothing even
+    with a finite lse: the twin's result with that query in an empty slot."""
+    torch.manual_seed(22 + T)
+    B, Hq, Hkv, C, D = 2, 4, 2, 30, 32
+    S = C + T
+    q, k = qk(B, Hq, Hkv, T, S, D, torch.float32)
+    wide = torch.full((B, S + 1), 1000, dtype=torch.int64, device=device())
+    pos = wide[:, 1:]
+    pos.copy_(cache_positions(B, C, T, seen=40, holes=3))
+    query_slots = naive.last_slots(B, T, S, device()).clone()
+    query_slots[1, 0] = -1
+    standin_slots = query_slots.clone()
+    standin_slots[1, 0] = int((pos[1, :C] < 0).nonzero()[0, 0])
+    lse = pass_one_lse(q, k, pos, query_slots=standin_slots).nan_to_num(neginf=0.0)
+    got = poisoned_run(q, k, pos, lse, query_slots=query_slots)
+    want = naive.attention_column_sums(q, k, pos, lse, query_slots=standin_slots)
+    assert_close_sums(got, want, torch.float32, "column sums vs twin")
+
+
 def test_decode_blind_query(poisoned_run):
     """A padding decode query (lse = -inf) leaves its whole sequence at 0."""
     torch.manual_seed(5)
