@@ -24,6 +24,13 @@ def attention_inputs(B=2, Hq=4, Hkv=2, T=3, S=7, D=16, dtype=torch.float32):
     [
         (lambda a: a.update(k=a["k"][:, :, :, :8]), "k must have shape"),
         (lambda a: a.update(q=torch.randn(2, 3, 3, 16)), "multiple of key/value heads"),
+        (lambda a: a.update(q=torch.randn(2, 0, 3, 16)), "positive multiple of key/value heads"),
+        (lambda a: a.update(q=a["q"][..., :0], k=a["k"][..., :0], v=a["v"][..., :0]), r"empty head dim \(D = 0\)"),
+        (
+            lambda a: a.update(k=a["k"][:, :, :0], v=a["v"][:, :, :0], pos=a["pos"][:, :0],
+                               query_slots=torch.zeros(2, 3, dtype=torch.int64)),
+            r"k has no slots \(S = 0\)",
+        ),
         (lambda a: a.update(v=a["v"][:, :1]), "v must have shape"),
         (lambda a: a.update(q=a["q"].double()), "q must have dtype"),
         (lambda a: a.update(k=a["k"].half()), "share one dtype"),
@@ -67,6 +74,16 @@ def test_attention_accepts_padding_and_unchecked_positions():
     ops.slot_attention(q, k, v, pos, check_positions=False)
     pos[0, 2:] = -5  # past sequence 0's two slots in use: empty whatever they hold, so not checked
     ops.slot_attention(q, k, v, pos, slot_count=torch.tensor([2, 7], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_empty_batch_runs_on_both_backends(monkeypatch, backend):
+    """B = 0 is valid: both backends return empty results of the right shapes."""
+    monkeypatch.setenv("EPIKV_BACKEND", backend)
+    q, k, v, pos = attention_inputs(B=0)
+    result = ops.slot_attention(q, k, v, pos, return_lse=True)
+    assert [tuple(x.shape) for x in result] == [(0, 4, 3, 16), (0, 2, 3), (0, 2, 3), (0, 4, 3)]
+    assert ops.attention_column_sums(q, k, pos, result.lse).shape == (0, 2, 7)
 
 
 def zscore_inputs(B=2, NB=2, T=5, W=8):

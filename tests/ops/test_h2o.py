@@ -534,6 +534,8 @@ def column_sum_inputs(B=2, Hq=4, Hkv=2, T=3, S=7, D=16):
         (lambda a: a.update(k=a["k"].half()), "share one dtype"),
         (lambda a: a.update(k=a["k"][:, :, :, :8]), "k must have shape"),
         (lambda a: a.update(q=torch.randn(2, 3, 3, 16)), "multiple of key/value heads"),
+        (lambda a: a.update(q=torch.randn(2, 0, 3, 16), lse=torch.randn(2, 0, 3)), "positive multiple"),
+        (lambda a: a.update(q=a["q"][..., :0], k=a["k"][..., :0]), r"empty head dim \(D = 0\)"),
         (lambda a: a.update(q=torch.randn(2, 4, 9, 16)), "last T key slots"),
         (lambda a: a.update(pos=a["pos"].float()), "pos must have dtype"),
         (lambda a: a.update(pos=a["pos"][:, :5]), "pos must have shape"),
