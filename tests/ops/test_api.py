@@ -42,6 +42,7 @@ def attention_inputs(B=2, Hq=4, Hkv=2, T=3, S=7, D=16, dtype=torch.float32):
         (lambda a: a.update(window=0), "window must be a positive int"),
         (lambda a: a.update(num_splits=0), "num_splits must be a positive int"),
         (lambda a: a["pos"].__setitem__((0, 5), 2), "positions out of order"),
+        (lambda a: a["pos"].__setitem__((0, 6), 5), "positions out of order"),  # equal: not strictly increasing
         (lambda a: a["pos"].__setitem__((1, 0), -3), "must be -1"),
         (lambda a: a.update(q=a["q"].to("meta")), "one device"),
         (lambda a: a.update(query_slots=torch.tensor([[4, 5, 6]] * 2).float()), "query_slots must have dtype"),

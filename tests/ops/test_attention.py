@@ -358,6 +358,32 @@ def test_fully_visible_tiles_skip_the_mask(poisoned_allocations, C, T, window, c
     check_against_twin(poisoned_allocations, q, k, v, pos, window=window, return_lse=True, config=config)
 
 
+def test_tile_spanning_exactly_the_window_keeps_the_mask(poisoned_allocations):
+    """A hole-free 128-key tile of positions 0..127 and a query at 127 with window 127: the tile spans
+    exactly the window, so key 0 is hidden and the "fully visible" proof must fail (``<``, not ``<=``)."""
+    torch.manual_seed(23)
+    S = 128
+    q, k, v = qkv(1, 2, 1, 1, S, 32, torch.float32)
+    pos = torch.arange(S, device=device())[torch.randperm(S - 1, device=device()).tolist() + [S - 1]][None]
+    decode_128 = next(c for c in DECODE_CONFIGS if c.kwargs["BLOCK_N"] == S)
+    check_against_twin(poisoned_allocations, q, k, v, pos, window=S - 1, return_lse=True, config=decode_128)
+
+
+def test_causal_skip_keeps_the_oldest_key_in_the_window(poisoned_allocations):
+    """A chunk (skip by position) of 20 tokens at positions 100..119, window 10: the only key the first
+    token sees outside the chunk, position 91 = 100 - 10 + 1, sits alone in the first key tile. The
+    scan's lower bound must be exactly earliest - window + 1, or that tile is skipped."""
+    torch.manual_seed(24)
+    C, T, window = 64, 20, 10
+    q, k, v = qkv(1, 1, 1, T, C + T, 32, torch.float32)
+    assert not attention.uses_decode_space(T)
+    pos = torch.full((1, C + T), -1, device=device())
+    pos[0, 5] = 100 - window + 1
+    pos[0, 32:40] = torch.arange(92, 100)
+    pos[0, C:] = torch.arange(100, 100 + T)
+    check_against_twin(poisoned_allocations, q, k, v, pos, window=window, return_lse=True, config=SMALL_TILES)
+
+
 # --------------------------------------------------------------------------- #
 # New tokens in any slots (query_slots)
 # --------------------------------------------------------------------------- #
@@ -479,6 +505,22 @@ def test_negative_query_slot_is_blind_and_reads_nothing_outside(poisoned_allocat
     for name in ("out", "dk", "dv", "lse"):
         assert_close_rms(getattr(result, name), getattr(expected, name), torch.float32, name)
     assert bool((result.out[1, :, 0] == 0).all()) and bool(torch.isneginf(result.lse[1, :, 0]).all())
+
+
+@pytest.mark.parametrize("T", [1, 20], ids=["decode", "chunk"])
+def test_query_slot_past_the_count_is_blind_even_with_visible_keys(poisoned_allocations, T):
+    """A query slot past ``slot_count`` holds a stale position later than every key in use: only the
+    query-slot bound (not the key bound) makes the query blind."""
+    torch.manual_seed(25 + T)
+    B, Hq, Hkv, S, D = 1, 4, 2, 60, 32
+    q, k, v = qkv(B, Hq, Hkv, T, S, D, torch.float32)
+    pos = torch.arange(S, device=device())[None]
+    query_slots = torch.arange(S - T, S, device=device())[None]
+    slot_count = torch.tensor([30], device=device())
+    result, _ = check_against_twin(
+        poisoned_allocations, q, k, v, pos, query_slots=query_slots, slot_count=slot_count, return_lse=True
+    )
+    assert bool((result.out == 0).all()) and bool(torch.isneginf(result.lse).all())
 
 
 def test_explicit_last_slots_equal_the_default(poisoned_allocations):

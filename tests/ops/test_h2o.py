@@ -332,6 +332,17 @@ def test_largest_int32_window_sees_everything(poisoned_run):
     torch.testing.assert_close(got, naive.attention_column_sums(q, k, pos, pass_one_lse(q, k, pos)))
 
 
+def test_tile_spanning_exactly_the_window_keeps_the_mask(poisoned_run):
+    """The attention case: a hole-free 128-key block of positions 0..127, a query at 127, window 127 hides
+    key 0, so the block must keep the mask."""
+    torch.manual_seed(23)
+    S = 128
+    q, k = qk(1, 2, 1, 1, S, 32, torch.float32)
+    pos = torch.arange(S, device=device())[torch.randperm(S - 1, device=device()).tolist() + [S - 1]][None]
+    got, _ = check_against_twin(poisoned_run, q, k, pos, window=S - 1, config=config_with(16, 128))
+    assert bool((got[:, :, pos[0] == 0] == 0).all())
+
+
 def test_window_of_one_sees_only_itself(poisoned_run):
     """window = 1: each query sees only its own key, so every new slot gets exactly G."""
     torch.manual_seed(13)
