@@ -522,7 +522,7 @@ def slot_attention(
     scale = D**-0.5 if scale is None else float(scale)
     query_slots = resolve_query_slots(query_slots, q, k)
     if num_splits is None:
-        multiprocessors = _multiprocessor_count(q.device.index or 0) if q.is_cuda else 0
+        multiprocessors = _multiprocessor_count(q.device.index) if q.is_cuda else 0
         num_splits = choose_num_splits(B * Hkv, num_rows, S, multiprocessors)
     keys_per_split, num_splits = split_plan(S, num_splits)
 

@@ -8,7 +8,7 @@ import torch
 import triton
 
 from epikv_triton import ops
-from epikv_triton.ops import attention, compaction, h2o, zscore
+from epikv_triton.ops import _triton_support, attention, compaction, h2o, zscore
 
 
 def attention_inputs(B=2, Hq=4, Hkv=2, T=3, S=7, D=16, dtype=torch.float32):
@@ -153,10 +153,36 @@ def test_backend_env(monkeypatch):
     with pytest.raises(ValueError, match="EPIKV_BACKEND must be"):
         ops.backend_for(x)
     monkeypatch.setenv("EPIKV_BACKEND", "triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(_triton_support, "INTERPRET", False)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="needs GPU tensors"):
             ops.backend_for(x)
+
+
+def test_backend_follows_the_interpreter_flag_fixed_at_import(monkeypatch):
+    """Kernels were built for the interpreter or not when imported: a later TRITON_INTERPRET must not reroute."""
+    x = torch.zeros(1)
+    monkeypatch.delenv("EPIKV_BACKEND", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0" if _triton_support.INTERPRET else "1")
+    assert ops.backend_for(x) == ("triton" if _triton_support.INTERPRET or x.is_cuda else "torch")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_ops_are_inference_only(monkeypatch, backend):
+    """With grad on and an input requiring grad, backward raises on both backends (never a silently
+    gradient-free output); under no_grad / inference_mode nothing is recorded."""
+    monkeypatch.setenv("EPIKV_BACKEND", backend)
+    q, k, v, pos = attention_inputs()
+    q.requires_grad_(True)
+    result = ops.slot_attention(q, k, v, pos, return_lse=True)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        result.out.sum().backward()
+    column_sums = ops.attention_column_sums(q, k, pos, result.lse.detach())
+    with pytest.raises(RuntimeError, match="inference-only"):
+        column_sums.sum().backward()
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            assert not ops.slot_attention(q, k, v, pos).out.requires_grad
 
 
 def test_importing_ops_loads_no_transformers():
