@@ -17,8 +17,8 @@ from epikv_triton.ops import attention, naive
 from epikv_triton.ops.attention import DECODE_CONFIGS, PREFILL_CONFIGS
 from perf.static_report import StandInDriver
 from tests.helpers import (
-    ANY_SLOT_CASES, assert_close_rms, buffer_in_use, cache_positions, chunk_positions, device, poisoning_runner,
-    prefill_positions, randn, shuffle_slots,
+    ANY_SLOT_CASES, assert_close_rms, buffer_in_use, cache_positions, chunk_positions, config_id, device,
+    poisoning_runner, prefill_positions, randn, shuffle_slots,
 )
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -29,8 +29,6 @@ SMALL_TILES = next(c for c in PREFILL_CONFIGS if c.kwargs == {"BLOCK_M": 64, "BL
 # --------------------------------------------------------------------------- #
 # Input builders
 # --------------------------------------------------------------------------- #
-
-
 
 
 def qkv(B, Hq, Hkv, T, S, D, dtype, layout="contiguous"):
@@ -45,10 +43,6 @@ def qkv(B, Hq, Hkv, T, S, D, dtype, layout="contiguous"):
 def vectors(B, H, D, dtype):
     """Random ``[B, H, D]`` (``prev_k`` / ``prev_v``)."""
     return torch.randn(B, H, D, device=device()).to(dtype)
-
-
-
-
 
 
 # --------------------------------------------------------------------------- #
@@ -323,7 +317,7 @@ def test_split_at_budget_plus_one(poisoned_allocations, num_splits):
     check_against_twin(poisoned_allocations, q, k, v, pos, num_splits=num_splits, return_lse=True)
 
 
-@pytest.mark.parametrize("config", [PREFILL_CONFIGS[0], SMALL_TILES], ids=lambda c: config_id(c))
+@pytest.mark.parametrize("config", [PREFILL_CONFIGS[0], SMALL_TILES], ids=config_id)
 def test_split_chunk_above_decode_rows(poisoned_allocations, config):
     """T·G = 24 rows (above the decode space) split three ways, as few row blocks get on a GPU."""
     torch.manual_seed(14)
@@ -629,7 +623,7 @@ def test_tensor_descriptor_path(poisoned_allocations, T, Hq, Hkv, D, dtype, layo
     )
 
 
-@pytest.mark.parametrize("config", PREFILL_CONFIGS, ids=lambda c: config_id(c))
+@pytest.mark.parametrize("config", PREFILL_CONFIGS, ids=config_id)
 @needs_descriptors
 def test_tensor_descriptor_path_any_slots_splits_and_slot_count(poisoned_allocations, config):
     """Every prefill config on the descriptor path, over shuffled slots with empty ones, then split three
@@ -688,10 +682,6 @@ def test_descriptor_path_choice(monkeypatch):
 # --------------------------------------------------------------------------- #
 # Every autotune config, launched explicitly
 # --------------------------------------------------------------------------- #
-
-
-def config_id(config):
-    return f"M{config.kwargs['BLOCK_M']}-N{config.kwargs['BLOCK_N']}-w{config.num_warps}-s{config.num_stages}"
 
 
 @pytest.mark.parametrize("empty_slots", [None, 20], ids=["last-slots", "shuffled-slots"])

@@ -18,8 +18,8 @@ from epikv_triton import ops
 from epikv_triton.ops import h2o, naive
 from epikv_triton.ops.h2o import COLUMN_SUM_CONFIGS
 from tests.helpers import (
-    ANY_SLOT_CASES, buffer_in_use, cache_positions, chunk_positions, device, poisoning_runner, prefill_positions,
-    randn, shuffle_slots,
+    ANY_SLOT_CASES, buffer_in_use, cache_positions, chunk_positions, config_id, device, poisoning_runner,
+    prefill_positions, randn, shuffle_slots,
 )
 
 
@@ -427,10 +427,6 @@ def test_custom_scale_with_large_scores(poisoned_run):
 # --------------------------------------------------------------------------- #
 # Every autotune config, launched explicitly
 # --------------------------------------------------------------------------- #
-
-
-def config_id(config):
-    return f"M{config.kwargs['BLOCK_M']}-N{config.kwargs['BLOCK_N']}-w{config.num_warps}-s{config.num_stages}"
 
 
 @pytest.mark.parametrize("empty_slots", [None, 20], ids=["last-slots", "shuffled-slots"])
