@@ -112,7 +112,7 @@ def query_positions(pos_row, stride_ps, query_slot, valid, slot_end):
     outside ``pos``.
     """
     used = valid & (query_slot >= 0) & (query_slot < slot_end)
-    return tl.load(pos_row + query_slot.to(tl.int64) * stride_ps, mask=used, other=-1).to(tl.int32)
+    return tl.load(pos_row + query_slot * stride_ps, mask=used, other=-1).to(tl.int32)
 
 
 @triton.jit
@@ -128,7 +128,7 @@ def visible_slot_range(pos_row, stride_ps, lo, hi, oldest, latest, SCAN_BLOCK: t
     last = lo - 1
     for start in range(lo, hi, SCAN_BLOCK):
         slots = start + tl.arange(0, SCAN_BLOCK)
-        pos = tl.load(pos_row + slots.to(tl.int64) * stride_ps, mask=slots < hi, other=-1).to(tl.int32)
+        pos = tl.load(pos_row + slots * stride_ps, mask=slots < hi, other=-1).to(tl.int32)
         seen = (pos >= oldest) & (pos <= latest)
         first = tl.minimum(first, tl.min(tl.where(seen, slots, hi), axis=0))
         last = tl.maximum(last, tl.max(tl.where(seen, slots, lo - 1), axis=0))

@@ -185,16 +185,14 @@ def _attention_fwd_kernel(
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     split = tl.program_id(2)
-    # 64-bit bases: batch * batch-stride overflows int32 for long caches. Token,
-    # key and slot indices are int64 where they multiply a stride: one strided
-    # axis may span 2**31 elements (q as HF's transposed view of a long chunk).
+    # 64-bit bases: batch * batch-stride overflows int32 for long caches.
     b = (pid_bh // Hkv).to(tl.int64)
     kv_head = (pid_bh % Hkv).to(tl.int64)
     num_rows = T * G
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_valid = rows < num_rows
-    token = (rows // G).to(tl.int64)
+    token = rows // G
     q_head = kv_head * G + rows % G
     dims = tl.arange(0, BLOCK_D)
     dim_valid = dims < D
@@ -264,7 +262,7 @@ def _attention_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     for start in range(key_lo, key_hi, BLOCK_N):
-        keys = (start + tl.arange(0, BLOCK_N)).to(tl.int64)
+        keys = start + tl.arange(0, BLOCK_N)
         key_valid = keys < key_hi
         pos_k = tl.load(pos_row + keys * stride_ps, mask=key_valid, other=-1).to(tl.int32)
         if USE_TMA:
@@ -332,11 +330,11 @@ def _store_delta_norms(
     """
     mask = owner[:, None] & dim_valid[None, :]
     current = tl.load(
-        base + slot.to(tl.int64)[:, None] * stride_s + dims[None, :] * stride_d,
+        base + slot[:, None] * stride_s + dims[None, :] * stride_d,
         mask=mask & ((slot >= 0) & (slot < S))[:, None], other=0.0,
     )
     before = tl.load(
-        base + before_slot.to(tl.int64)[:, None] * stride_s + dims[None, :] * stride_d,
+        base + before_slot[:, None] * stride_s + dims[None, :] * stride_d,
         mask=mask & (has_before & (before_slot >= 0) & (before_slot < S))[:, None], other=0.0,
     ).to(tl.float32)
     if HAS_PREV:

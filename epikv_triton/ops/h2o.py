@@ -113,8 +113,7 @@ def _column_sums_kernel(
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    # 64-bit bases: batch * batch-stride overflows int32 for long caches; key,
-    # token and slot indices are int64 where they multiply a stride (see attention).
+    # 64-bit bases: batch * batch-stride overflows int32 for long caches.
     b = (pid_bh // Hkv).to(tl.int64)
     kv_head = (pid_bh % Hkv).to(tl.int64)
     num_rows = T * G
@@ -124,7 +123,7 @@ def _column_sums_kernel(
     if HAS_SLOT_COUNT:
         slot_end = slots_in_use_end(SLOT_COUNT + b * stride_cb, S)
     block_start = pid_n * BLOCK_N
-    keys = (block_start + tl.arange(0, BLOCK_N)).to(tl.int64)
+    keys = block_start + tl.arange(0, BLOCK_N)
     key_stored = keys < S
     key_valid = keys < slot_end
     dims = tl.arange(0, BLOCK_D)
@@ -163,7 +162,7 @@ def _column_sums_kernel(
     for row_start in range(token_lo * G, token_hi * G, BLOCK_M):
         rows = row_start + tl.arange(0, BLOCK_M)
         row_valid = rows < num_rows
-        token = (rows // G).to(tl.int64)
+        token = rows // G
         q_head = kv_head * G + rows % G
         # A query's position is its own slot's. Rows past the end (and query
         # slots outside the slots in use) read position -1 and lse -inf: they see nothing.
@@ -205,7 +204,7 @@ def _seeing_token_range(
     for start in range(0, T, SCAN_BLOCK):
         tokens = start + tl.arange(0, SCAN_BLOCK)
         valid = tokens < T
-        query_slot = tl.load(slot_row + tokens.to(tl.int64) * stride_st, mask=valid, other=0).to(tl.int32)
+        query_slot = tl.load(slot_row + tokens * stride_st, mask=valid, other=0).to(tl.int32)
         pos_q = query_positions(pos_row, stride_ps, query_slot, valid, slot_end)
         seeing = (pos_q >= oldest) & (pos_q <= latest)
         lo = tl.minimum(lo, tl.min(tl.where(seeing, tokens, T), axis=0))
