@@ -68,7 +68,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._triton_support import INTERPRET, LN_2_JIT, LOG2_E
 from ._triton_support import autotune, autotune_bucket, dot_precision, launch_options, tile_fully_visible
-from ._triton_support import query_positions, slots_in_use_end, visible_pairs, visible_slot_range
+from ._triton_support import query_positions, require_int32_plane_offsets, slots_in_use_end, visible_pairs
+from ._triton_support import visible_slot_range
 from .naive import AttentionResult, resolve_query_slots
 
 
@@ -521,6 +522,7 @@ def slot_attention(
     num_rows = T * G
     scale = D**-0.5 if scale is None else float(scale)
     query_slots = resolve_query_slots(query_slots, q, k)
+    require_int32_plane_offsets(q=q, k=k, v=v, pos=pos, query_slots=query_slots)
     if num_splits is None:
         multiprocessors = _multiprocessor_count(q.device.index) if q.is_cuda else 0
         num_splits = choose_num_splits(B * Hkv, num_rows, S, multiprocessors)

@@ -59,7 +59,7 @@ import triton.language as tl
 
 from ._triton_support import INTERPRET, LOG2_E, LOG2_E_JIT
 from ._triton_support import autotune, autotune_bucket, dot_precision, launch_options, query_positions
-from ._triton_support import slots_in_use_end, tile_fully_visible, visible_pairs
+from ._triton_support import require_int32_plane_offsets, slots_in_use_end, tile_fully_visible, visible_pairs
 from .naive import resolve_query_slots
 
 
@@ -245,6 +245,7 @@ def attention_column_sums(
     if out.numel() == 0:
         return out
     query_slots = resolve_query_slots(query_slots, q, k)
+    require_int32_plane_offsets(q=q, k=k, pos=pos, query_slots=query_slots, lse=lse)
 
     args = (
         q, k, pos, query_slots, slot_count if slot_count is not None else pos, lse, out,

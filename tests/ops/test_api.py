@@ -145,6 +145,29 @@ def test_compact_rejects_bad_input():
         ops.compact_slots_(kv, pos[:1], scores, destination)
 
 
+@pytest.mark.parametrize("launch", ["attention", "column_sums"])
+def test_kernels_refuse_planes_past_32_bit_offsets(launch):
+    """A (batch, head) plane spanning more than 2**31 elements (here q as HF's [B, T, Hq, D] view
+    of a 2**20 + 1-token chunk at 16 heads of 128) is refused before any launch; a token less passes.
+    Meta tensors: only shapes and strides are read."""
+    def inputs(T):
+        q = torch.empty(1, T, 16, 128, device="meta").transpose(1, 2)
+        k = torch.empty(1, 2, T, 128, device="meta")
+        pos = torch.empty(1, T, dtype=torch.int64, device="meta")
+        return q, k, pos
+
+    def run(q, k, pos):
+        if launch == "attention":
+            attention.slot_attention(q, k, k, pos)
+        else:
+            h2o.attention_column_sums(q, k, pos, torch.empty(q.shape[:3], device="meta"))
+
+    with pytest.raises(ValueError, match=r"q spans 2147483776 elements .* shorter chunks"):
+        run(*inputs(2**20 + 1))
+    q, k, pos = inputs(2**20)
+    _triton_support.require_int32_plane_offsets(q=q, k=k, pos=pos)
+
+
 def test_backend_env(monkeypatch):
     x = torch.zeros(1)
     monkeypatch.setenv("EPIKV_BACKEND", "torch")
