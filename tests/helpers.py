@@ -50,6 +50,11 @@ def poisoning_runner(monkeypatch, launcher):
     return run
 
 
+def config_id(config):
+    """Test id of an attention-shaped kernel's ``triton.Config``: tiles, warps, stages."""
+    return f"M{config.kwargs['BLOCK_M']}-N{config.kwargs['BLOCK_N']}-w{config.num_warps}-s{config.num_stages}"
+
+
 def randn(*shape, dtype, layout="contiguous"):
     """Random ``[B, H, N, D]`` tensor.
 

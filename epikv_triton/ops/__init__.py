@@ -22,6 +22,11 @@ Layouts are documented on each function in :mod:`.naive`; any strides work.
 Under ``torch.compile`` the ops with a kernel are custom ops (see
 :mod:`._library`), so a compiled caller traces through every op here with no
 graph break; pass ``check_positions=False`` there (that check reads device data).
+
+Inference only, on both backends: an op called with grad mode on and an input
+that requires grad returns outputs whose backward raises, never silently
+gradient-free ones. Call them under ``torch.no_grad()`` or
+``torch.inference_mode()`` (what the cache integrations do).
 """
 
 from __future__ import annotations
@@ -71,13 +76,17 @@ def slot_attention(
     ``slot_count [B]`` int32/int64 (device): the slots in use; slots
     ``>= slot_count`` are empty whatever ``pos`` holds (as keys and as query
     slots) and the kernel skips their key tiles without a host read, so a
-    static-shape step over the whole buffer costs only its fill.
+    static-shape step over the whole buffer costs only its fill. Their K/V
+    bytes must still be finite numbers, like every slot's: on sm_90 a ragged
+    key tile is one TMA copy and reaches the ``p @ v`` product whole, where a
+    masked key's probability 0 times a NaN is NaN (the twin does the same).
+    Zeroing V on those tiles would take wgmma's operand through registers.
     ``check_positions`` validates positions and query slots on the host (host
     syncs); engines that build them themselves, and compiled code, pass ``False``.
-    Returns :class:`AttentionResult` ``(out, dk, dv, lse)``.
+    Returns :class:`AttentionResult` ``(out, dk, dv, lse)``; inference only (no backward).
     """
     check_attention(q, k, v, pos, query_slots, window, prev_k, prev_v, num_splits, slot_count, check_positions)
-    attention = _routed(_library.slot_attention_op, _library.slot_attention)
+    attention = _routed(_library.slot_attention_op, _library.slot_attention, q, k, v, prev_k, prev_v)
     out, dk, dv, lse = attention(
         q, k, v, pos, query_slots, _optional_float(scale), window, prev_k, prev_v, with_deltas, return_lse, num_splits,
         slot_count,
@@ -109,7 +118,7 @@ def attention_column_sums(
     the attention matrix. ``check_positions`` as for :func:`slot_attention`.
     """
     check_column_sums(q, k, pos, lse, query_slots, window, slot_count, check_positions)
-    column_sums = _routed(_library.attention_column_sums_op, _library.attention_column_sums)
+    column_sums = _routed(_library.attention_column_sums_op, _library.attention_column_sums, q, k, lse)
     return column_sums(q, k, pos, lse, query_slots, _optional_float(scale), window, slot_count)
 
 
@@ -126,7 +135,8 @@ def rolling_zscore(
     See :func:`.naive.rolling_zscore` for the exact definition.
     """
     check_zscore(values, ring, count, weights, eps)
-    return _routed(_library.rolling_zscore_op, _library.rolling_zscore)(values, ring, count, weights, float(eps))
+    zscore = _routed(_library.rolling_zscore_op, _library.rolling_zscore, values, ring, weights)
+    return zscore(values, ring, count, weights, float(eps))
 
 
 def select_slots(
@@ -168,7 +178,7 @@ def compact_slots_(kv: torch.Tensor, pos: torch.Tensor, scores: torch.Tensor, de
     what it evicts; see :mod:`.compaction` for the kernel.
     """
     check_compact(kv, pos, scores, destination)
-    _routed(_library.compact_slots_op, _library.compact_slots_)(kv, pos, scores, destination)
+    _routed(_library.compact_slots_op, _library.compact_slots_, kv, scores)(kv, pos, scores, destination)
 
 
 def evict_(
@@ -192,11 +202,14 @@ def evict_(
     return destination
 
 
-def _routed(op: torch.library.CustomOpDef, implementation: Callable) -> Callable:
-    """The registered custom op while ``torch.compile`` traces (one graph node, no break), else its
-    implementation called directly: the dispatcher round trip costs 10 to 20 µs of host time a call,
-    as much as a kernel launch, and an eager decode step makes dozens of these calls."""
-    return op if torch.compiler.is_compiling() else implementation
+def _routed(op: torch.library.CustomOpDef, implementation: Callable, *float_inputs: torch.Tensor | None) -> Callable:
+    """The registered custom op while ``torch.compile`` traces (one graph node, no break) or when
+    autograd would record the call (a node whose backward raises: the ops are inference-only, see
+    :mod:`._library`), else its implementation called directly: the dispatcher round trip costs 10 to
+    20 µs of host time a call, as much as a kernel launch, and an eager decode step makes dozens of
+    these calls."""
+    recorded = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in float_inputs)
+    return op if recorded or torch.compiler.is_compiling() else implementation
 
 
 def _optional_float(x: float | None) -> float | None:

@@ -50,7 +50,7 @@ def check_queries_over_slots(
     """What every attention-shaped op requires; returns ``(B, Hq, Hkv, T, S, D)``.
 
     ``q [B, Hq, T, D]`` and ``k [B, Hkv, S, D]`` of one float dtype with
-    ``Hq`` a multiple of ``Hkv`` and ``T >= 1``, ``pos [B, S]`` int32/int64,
+    ``Hq`` a positive multiple of ``Hkv`` and ``T, D, S >= 1`` (``B = 0`` is allowed), ``pos [B, S]`` int32/int64,
     ``query_slots`` None (then ``S >= T``: the last ``T`` slots) or ``[B, T]``
     int32/int64, ``window`` None or a positive int, ``slot_count`` None or
     ``[B]`` int32/int64; ``companions`` (the op's other tensors, None when
@@ -73,12 +73,16 @@ def check_queries_over_slots(
             f"k must have shape [B, Hkv, S, D] with B={B} and D={D} taken from q [B, Hq, T, D]; got {tuple(k.shape)}"
         )
     Hkv, S = k.shape[1], k.shape[2]
-    if Hkv == 0 or Hq % Hkv != 0:
+    if Hkv == 0 or Hq == 0 or Hq % Hkv != 0:
         raise ValueError(
-            f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv}) for grouped-query attention"
+            f"query heads ({Hq}) must be a positive multiple of key/value heads ({Hkv}) for grouped-query attention"
         )
     if T == 0:
         raise ValueError("q has no tokens (T = 0)")
+    if D == 0:
+        raise ValueError("q and k have an empty head dim (D = 0): pass at least one feature per head")
+    if S == 0:
+        raise ValueError("k has no slots (S = 0): every query needs at least its own key slot")
     if query_slots is None and S < T:
         raise ValueError(
             f"k has {S} slots but q has {T} tokens: without query_slots the last T key slots must hold the new "

@@ -23,17 +23,23 @@ node would make them less visible, not more.
 Validation is not here: it stays in the public wrappers of
 :mod:`epikv_triton.ops`, which read only shapes, dtypes and Python values, so
 it runs at trace time and costs nothing in the compiled graph. Those wrappers
-call the ``*_op`` custom ops while compiling and the plain implementations
-below otherwise (see ``_routed`` there).
+call the ``*_op`` custom ops while compiling, or when autograd would record the
+call, and the plain implementations below otherwise (see ``_routed`` there).
+
+The ops are inference-only: the kernels have no backward. Through the custom
+ops autograd records a node whose backward raises (:func:`_inference_only` for
+the functional ops; PyTorch's own "no autograd formula" error for the in-place
+ones, which cannot take a formula), so a gradient is never silently dropped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 
-from . import naive
+from . import _triton_support, naive
 
 MAX_TRITON_HEAD_DIM = 256
 
@@ -43,12 +49,27 @@ def backend_for(x: torch.Tensor) -> str:
     forced = os.environ.get("EPIKV_BACKEND", "").strip().lower()
     if forced not in ("", "triton", "torch"):
         raise ValueError(f"EPIKV_BACKEND must be 'triton' or 'torch', got {forced!r}")
-    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    # The kernels were built for the interpreter or not when their modules were imported; a later
+    # change of TRITON_INTERPRET must not route CPU tensors to kernels built without it.
+    interpret = _triton_support.INTERPRET
     if forced == "triton" and not (x.is_cuda or interpret):
         raise ValueError("EPIKV_BACKEND=triton needs GPU tensors, or TRITON_INTERPRET=1 to run the kernels on CPU")
     if forced:
         return forced
     return "triton" if (x.is_cuda or interpret) else "torch"
+
+
+def _on_device(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """``x``'s GPU made current for a launch: Triton launches on the current device and stream, and
+    under ``device_map="auto"`` a layer's tensors may sit on another GPU. Nothing on CPU."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def _inference_only(ctx, *grads):
+    raise RuntimeError(
+        "epikv_triton ops are inference-only (the kernels have no backward): call them under torch.no_grad() "
+        "or torch.inference_mode(), or detach their inputs"
+    )
 
 
 def _absent(like: torch.Tensor) -> torch.Tensor:
@@ -81,13 +102,15 @@ def slot_attention(
     if backend_for(q) == "triton" and q.shape[-1] <= MAX_TRITON_HEAD_DIM:
         from .attention import slot_attention as launch
 
-        result = launch(q, k, v, pos, **kwargs)
+        with _on_device(q):
+            result = launch(q, k, v, pos, **kwargs)
     else:
         result = naive.slot_attention(q, k, v, pos, **kwargs)
     return tuple(member if member is not None else _absent(q) for member in result)
 
 
 slot_attention_op = torch.library.custom_op("epikv_triton::slot_attention", slot_attention, mutates_args=())
+slot_attention_op.register_autograd(_inference_only)
 
 
 @slot_attention_op.register_fake
@@ -116,13 +139,15 @@ def attention_column_sums(
     if backend_for(q) == "triton" and q.shape[-1] <= MAX_TRITON_HEAD_DIM:
         from .h2o import attention_column_sums as launch
 
-        return launch(q, k, pos, lse, **kwargs)
+        with _on_device(q):
+            return launch(q, k, pos, lse, **kwargs)
     return naive.attention_column_sums(q, k, pos, lse, **kwargs)
 
 
 attention_column_sums_op = torch.library.custom_op(
     "epikv_triton::attention_column_sums", attention_column_sums, mutates_args=()
 )
+attention_column_sums_op.register_autograd(_inference_only)
 
 
 @attention_column_sums_op.register_fake
@@ -139,7 +164,8 @@ def rolling_zscore(
     if backend_for(values) == "triton":
         from .zscore import rolling_zscore as launch
 
-        return launch(values, ring, count, weights, eps=eps)
+        with _on_device(values):
+            return launch(values, ring, count, weights, eps=eps)
     return naive.rolling_zscore(values, ring, count, weights, eps=eps)
 
 
@@ -160,7 +186,8 @@ def compact_slots_(kv: torch.Tensor, pos: torch.Tensor, scores: torch.Tensor, de
     if backend_for(kv) == "triton":
         from .compaction import compact_slots_ as launch
 
-        launch(kv, pos, scores, destination)
+        with _on_device(kv):
+            launch(kv, pos, scores, destination)
     else:
         naive.compact_slots_(kv, pos, scores, destination)
 

@@ -53,6 +53,29 @@ def autotune_bucket(n: int) -> int:
     return triton.next_power_of_2(max(n, 1))
 
 
+def require_int32_plane_offsets(**tensors: torch.Tensor | None) -> None:
+    """Refuse a tensor whose span inside one (batch, head) plane reaches 2**31 elements.
+
+    The attention-shaped kernels add 64-bit (batch, head) bases to 32-bit
+    in-plane offsets (``token * stride``, ``slot * stride``): 64-bit indices
+    there cost up to 60 more registers a thread on sm_90, for spans no
+    realistic chunk reaches (a 256k-token chunk of HF's ``[B, T, Hq, D]``
+    view at 64 heads of 128). The leading axes are ``[B]`` for 2-D tensors
+    and ``[B, H]`` otherwise.
+    """
+    for name, x in tensors.items():
+        if x is None:
+            continue
+        leading = 1 if x.ndim == 2 else 2
+        span = sum((size - 1) * abs(stride) for size, stride in zip(x.shape[leading:], x.stride()[leading:]) if size)
+        if span >= 2**31:
+            raise ValueError(
+                f"{name} spans {span + 1} elements inside one (batch, head) plane, past the kernels' 32-bit "
+                "in-plane offsets (2**31): feed the tokens in shorter chunks (e.g. generate(prefill_chunk_size=...)) "
+                "or pass a contiguous tensor"
+            )
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """``tl.dot`` precision: exact for fp32 inputs (and everything under the interpreter).
 
@@ -95,6 +118,24 @@ def tile_fully_visible(pos_q_min, pos_q_max, pos_k, window, HAS_WINDOW: tl.const
     if HAS_WINDOW:
         visible = visible & (pos_q_max - key_min < window)
     return visible
+
+
+@triton.jit
+def slots_in_use_end(count_ptr, S):
+    """int32 ``slot_count`` read from ``count_ptr``, clamped to ``[0, S]`` before the cast: an int64
+    count of 2**31 or more means every slot, not a wrapped one."""
+    return tl.maximum(tl.minimum(tl.load(count_ptr), S), 0).to(tl.int32)
+
+
+@triton.jit
+def query_positions(pos_row, stride_ps, query_slot, valid, slot_end):
+    """int32 positions of ``query_slot``; -1 where not ``valid`` or outside ``[0, slot_end)``.
+
+    Query slots are not checked on the host (a sync), so the bound also keeps a bad one from reading
+    outside ``pos``.
+    """
+    used = valid & (query_slot >= 0) & (query_slot < slot_end)
+    return tl.load(pos_row + query_slot * stride_ps, mask=used, other=-1).to(tl.int32)
 
 
 @triton.jit

@@ -10,8 +10,9 @@ Layouts and dtypes (any strides for the inputs; nothing big is copied):
 * ``pos``: ``[B, S]`` int32 or int64, ``-1`` = empty/padding slot; slot order
   carries no meaning.
 * ``query_slots``: ``[B, T]`` int32 or int64, the slot of new token ``t``'s own
-  key/value (each in ``[0, S)``, not checked here); query ``t`` has position
-  ``pos[:, query_slots[:, t]]``. ``None``: the last ``T`` slots.
+  key/value (each in ``[0, S)``, not checked here: one outside is a blind
+  query whose K/V read as zeros, never memory outside the tensors); query
+  ``t`` has position ``pos[:, query_slots[:, t]]``. ``None``: the last ``T`` slots.
 * ``prev_k``, ``prev_v``: optional ``[B, Hkv, D]`` (any float dtype), the key and
   value of the token before the first new one.
 * ``slot_count``: optional ``[B]`` int32 or int64 on the device, the slots in
@@ -67,7 +68,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._triton_support import INTERPRET, LN_2_JIT, LOG2_E
 from ._triton_support import autotune, autotune_bucket, dot_precision, launch_options, tile_fully_visible
-from ._triton_support import visible_pairs, visible_slot_range
+from ._triton_support import query_positions, require_int32_plane_offsets, slots_in_use_end, visible_pairs
+from ._triton_support import visible_slot_range
 from .naive import AttentionResult, resolve_query_slots
 
 
@@ -203,12 +205,12 @@ def _attention_fwd_kernel(
     # step over the whole buffer needs no host value to skip the empty tail.
     slot_end = S
     if HAS_SLOT_COUNT:
-        slot_end = tl.maximum(tl.minimum(tl.load(SLOT_COUNT + b * stride_cb).to(tl.int32), S), 0)
+        slot_end = slots_in_use_end(SLOT_COUNT + b * stride_cb, S)
     # A query's position is its own slot's. Slots and positions are held as
     # int32 (half the registers of int64; S < 2**31). Rows past the end, and
-    # query slots past the slots in use, read -1: they see nothing.
+    # query slots outside the slots in use, read -1: they see nothing.
     query_slot = tl.load(slot_row + token * stride_st, mask=row_valid, other=0).to(tl.int32)
-    pos_q = tl.load(pos_row + query_slot * stride_ps, mask=row_valid & (query_slot < slot_end), other=-1).to(tl.int32)
+    pos_q = query_positions(pos_row, stride_ps, query_slot, row_valid, slot_end)
     k_base = K + b * stride_kb + kv_head * stride_kh
     v_base = V + b * stride_vb + kv_head * stride_vh
 
@@ -222,12 +224,12 @@ def _attention_fwd_kernel(
             before_slot = tl.load(slot_row + (token - 1) * stride_st, mask=owner & has_before, other=0).to(tl.int32)
             _store_delta_norms(
                 k_base, stride_ks, stride_kd, PREV_K + b * stride_pkb + kv_head * stride_pkh, stride_pkd,
-                DK + (b * Hkv + kv_head) * T + token, query_slot, before_slot, has_before, owner, dims, dim_valid,
+                DK + (b * Hkv + kv_head) * T + token, query_slot, before_slot, has_before, owner, S, dims, dim_valid,
                 HAS_PREV_K,
             )
             _store_delta_norms(
                 v_base, stride_vs, stride_vd, PREV_V + b * stride_pvb + kv_head * stride_pvh, stride_pvd,
-                DV + (b * Hkv + kv_head) * T + token, query_slot, before_slot, has_before, owner, dims, dim_valid,
+                DV + (b * Hkv + kv_head) * T + token, query_slot, before_slot, has_before, owner, S, dims, dim_valid,
                 HAS_PREV_V,
             )
 
@@ -320,15 +322,21 @@ def _attention_fwd_kernel(
 
 @triton.jit
 def _store_delta_norms(
-    base, stride_s, stride_d, prev_base, stride_prev_d, out_ptrs, slot, before_slot, has_before, owner,
+    base, stride_s, stride_d, prev_base, stride_prev_d, out_ptrs, slot, before_slot, has_before, owner, S,
     dims, dim_valid, HAS_PREV: tl.constexpr,
 ):
-    """``‖x[slot] − x[before_slot]‖₂`` per row (``prev`` where not ``has_before``, NaN without it)."""
+    """``‖x[slot] − x[before_slot]‖₂`` per row (``prev`` where not ``has_before``, NaN without it).
+
+    Slots outside ``[0, S)`` (unchecked query slots) read zeros rather than another head's memory.
+    """
     mask = owner[:, None] & dim_valid[None, :]
-    current = tl.load(base + slot[:, None] * stride_s + dims[None, :] * stride_d, mask=mask, other=0.0)
+    current = tl.load(
+        base + slot[:, None] * stride_s + dims[None, :] * stride_d,
+        mask=mask & ((slot >= 0) & (slot < S))[:, None], other=0.0,
+    )
     before = tl.load(
         base + before_slot[:, None] * stride_s + dims[None, :] * stride_d,
-        mask=mask & has_before[:, None], other=0.0,
+        mask=mask & (has_before & (before_slot >= 0) & (before_slot < S))[:, None], other=0.0,
     ).to(tl.float32)
     if HAS_PREV:
         # Same prev vector for every row; only token 0's row takes it.
@@ -514,8 +522,9 @@ def slot_attention(
     num_rows = T * G
     scale = D**-0.5 if scale is None else float(scale)
     query_slots = resolve_query_slots(query_slots, q, k)
+    require_int32_plane_offsets(q=q, k=k, v=v, pos=pos, query_slots=query_slots)
     if num_splits is None:
-        multiprocessors = _multiprocessor_count(q.device.index or 0) if q.is_cuda else 0
+        multiprocessors = _multiprocessor_count(q.device.index) if q.is_cuda else 0
         num_splits = choose_num_splits(B * Hkv, num_rows, S, multiprocessors)
     keys_per_split, num_splits = split_plan(S, num_splits)
 

@@ -27,7 +27,8 @@ Design — one launch, no host synchronisation, race-free by construction:
   after a barrier (those slots were its sources).
 
 Precondition (not checked: that would need a host sync): destinations are
-distinct and below ``F``.
+distinct and below ``F``. One outside ``[0, F)`` drops its slot (a masked
+store), so it never writes outside the view or onto a source slot.
 
 Bytes moved: ``2 · P · H · D · itemsize`` per slot that moves (read and
 write), plus ``destination`` and the ``[F, S)`` metadata; no flops. The tile
@@ -122,7 +123,9 @@ def _compact_slots_kernel(
         offset = start + tl.arange(0, BLOCK_S)
         in_range = offset < W
         dest = tl.load(destination_row + offset.to(tl.int64) * stride_destination_w, mask=in_range, other=-1)
-        moves = dest >= 0
+        # Only destinations in [0, fill) move: the bound is free, and a bad one (unchecked: a host sync)
+        # then drops its slot instead of writing outside the view or onto a slot still to be read.
+        moves = (dest >= 0) & (dest < fill)
         src = (fill + offset).to(tl.int64)
         tile_mask = moves[:, None] & dim_ok[None, :]
         tile = tl.load(kv_row + src[:, None] * stride_kv_s + dim_offsets, mask=tile_mask)

@@ -58,7 +58,8 @@ import triton
 import triton.language as tl
 
 from ._triton_support import INTERPRET, LOG2_E, LOG2_E_JIT
-from ._triton_support import autotune, autotune_bucket, dot_precision, launch_options, tile_fully_visible, visible_pairs
+from ._triton_support import autotune, autotune_bucket, dot_precision, launch_options, query_positions
+from ._triton_support import require_int32_plane_offsets, slots_in_use_end, tile_fully_visible, visible_pairs
 from .naive import resolve_query_slots
 
 
@@ -120,7 +121,7 @@ def _column_sums_kernel(
     # Slots in use: [0, slot_end), read from device memory (see the module docstring).
     slot_end = S
     if HAS_SLOT_COUNT:
-        slot_end = tl.maximum(tl.minimum(tl.load(SLOT_COUNT + b * stride_cb).to(tl.int32), S), 0)
+        slot_end = slots_in_use_end(SLOT_COUNT + b * stride_cb, S)
     block_start = pid_n * BLOCK_N
     keys = block_start + tl.arange(0, BLOCK_N)
     key_stored = keys < S
@@ -136,7 +137,10 @@ def _column_sums_kernel(
     slot_row = QUERY_SLOTS + b * stride_sb
     oldest_key = tl.min(tl.where(pos_k >= 0, pos_k, 2147483647), axis=0)
     if HAS_WINDOW:
-        latest_seeing = tl.max(pos_k, axis=0) + window - 1
+        # Saturated at the largest int32: newest + window - 1 wraps negative for a
+        # huge window (2**31 - 1 as "no window"), and then no token would see the block.
+        newest_key = tl.max(pos_k, axis=0)
+        latest_seeing = newest_key + tl.minimum(window - 1, 2147483647 - tl.maximum(newest_key, 0))
     else:
         latest_seeing = 2147483647
     token_lo, token_hi = _seeing_token_range(
@@ -161,10 +165,9 @@ def _column_sums_kernel(
         token = rows // G
         q_head = kv_head * G + rows % G
         # A query's position is its own slot's. Rows past the end (and query
-        # slots past the slots in use) read position -1 and lse -inf: they see nothing.
+        # slots outside the slots in use) read position -1 and lse -inf: they see nothing.
         query_slot = tl.load(slot_row + token * stride_st, mask=row_valid, other=0).to(tl.int32)
-        pos_q = tl.load(pos_row + query_slot * stride_ps, mask=row_valid & (query_slot < slot_end), other=-1)
-        pos_q = pos_q.to(tl.int32)
+        pos_q = query_positions(pos_row, stride_ps, query_slot, row_valid, slot_end)
         lse = tl.load(lse_base + q_head * stride_lh + token * stride_lt, mask=row_valid, other=float("-inf"))
         q = tl.load(
             q_base + q_head[:, None] * stride_qh + token[:, None] * stride_qt + dims[None, :] * stride_qd,
@@ -202,8 +205,7 @@ def _seeing_token_range(
         tokens = start + tl.arange(0, SCAN_BLOCK)
         valid = tokens < T
         query_slot = tl.load(slot_row + tokens * stride_st, mask=valid, other=0).to(tl.int32)
-        pos_q = tl.load(pos_row + query_slot * stride_ps, mask=valid & (query_slot < slot_end), other=-1)
-        pos_q = pos_q.to(tl.int32)
+        pos_q = query_positions(pos_row, stride_ps, query_slot, valid, slot_end)
         seeing = (pos_q >= oldest) & (pos_q <= latest)
         lo = tl.minimum(lo, tl.min(tl.where(seeing, tokens, T), axis=0))
         last = tl.maximum(last, tl.max(tl.where(seeing, tokens, -1), axis=0))
@@ -243,6 +245,7 @@ def attention_column_sums(
     if out.numel() == 0:
         return out
     query_slots = resolve_query_slots(query_slots, q, k)
+    require_int32_plane_offsets(q=q, k=k, pos=pos, query_slots=query_slots, lse=lse)
 
     args = (
         q, k, pos, query_slots, slot_count if slot_count is not None else pos, lse, out,

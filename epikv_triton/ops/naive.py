@@ -120,7 +120,9 @@ def grouped_scores(
     group = Hq // Hkv
     scale = D**-0.5 if scale is None else scale
     scores = torch.matmul(q.float().reshape(B, Hkv, group * T, D), k.float().transpose(-1, -2)) * scale
-    visible = visibility_mask(pos, query_slots, window)[:, None].expand(B, group, T, -1).reshape(B, 1, group * T, -1)
+    # Explicit sizes, not -1: a reshape cannot infer a dim of an empty batch.
+    S = k.shape[2]
+    visible = visibility_mask(pos, query_slots, window)[:, None].expand(B, group, T, S).reshape(B, 1, group * T, S)
     return scores.masked_fill(~visible, float("-inf"))
 
 
@@ -309,7 +311,8 @@ def compact_slots_(
     ``pos``: ``[B, S]`` int; ``scores``: ``[B, S]`` float32 slot metadata.
     ``destination``: ``[B, W]`` int64 from :func:`compaction_plan`: slot
     ``S - W + j`` moves to slot ``destination[b, j] < S - W``, or is dropped
-    (``-1``). Destinations must be distinct (not checked: a host sync).
+    (``-1``). Destinations must be distinct and below ``S - W`` (not checked: a host sync; the
+    Triton kernel drops a slot whose destination is not, where this twin may raise).
 
     Afterwards every moved slot's K/V, position and score sit at its
     destination, and slots ``>= S - W`` have ``pos = -1``, ``score = NaN``
@@ -357,9 +360,10 @@ def attention_column_sums(
     the ``G = Hq / Hkv`` query heads of its kv group, over visible pairs only.
     Materialises the ``[B, Hq, T, S]`` probabilities (the eager H2O baseline).
     """
-    B, Hkv, S = k.shape[:3]
+    B, Hq, T, _ = q.shape
+    Hkv = k.shape[1]
     scores = grouped_scores(q, k, slots_in_use(pos, slot_count), resolve_query_slots(query_slots, q, k), scale, window)
-    normaliser = lse.float().reshape(B, Hkv, -1, 1)
+    normaliser = lse.float().reshape(B, Hkv, Hq // Hkv * T, 1)
     # A query that saw nothing (lse = -inf) has every score at -inf too: give it a finite normaliser.
     probs = torch.exp(scores - normaliser.masked_fill(torch.isinf(normaliser), 0.0))
     return probs.sum(dim=2)

@@ -8,7 +8,7 @@ import torch
 import triton
 
 from epikv_triton import ops
-from epikv_triton.ops import attention, compaction, h2o, zscore
+from epikv_triton.ops import _triton_support, attention, compaction, h2o, zscore
 
 
 def attention_inputs(B=2, Hq=4, Hkv=2, T=3, S=7, D=16, dtype=torch.float32):
@@ -24,6 +24,13 @@ def attention_inputs(B=2, Hq=4, Hkv=2, T=3, S=7, D=16, dtype=torch.float32):
     [
         (lambda a: a.update(k=a["k"][:, :, :, :8]), "k must have shape"),
         (lambda a: a.update(q=torch.randn(2, 3, 3, 16)), "multiple of key/value heads"),
+        (lambda a: a.update(q=torch.randn(2, 0, 3, 16)), "positive multiple of key/value heads"),
+        (lambda a: a.update(q=a["q"][..., :0], k=a["k"][..., :0], v=a["v"][..., :0]), r"empty head dim \(D = 0\)"),
+        (
+            lambda a: a.update(k=a["k"][:, :, :0], v=a["v"][:, :, :0], pos=a["pos"][:, :0],
+                               query_slots=torch.zeros(2, 3, dtype=torch.int64)),
+            r"k has no slots \(S = 0\)",
+        ),
         (lambda a: a.update(v=a["v"][:, :1]), "v must have shape"),
         (lambda a: a.update(q=a["q"].double()), "q must have dtype"),
         (lambda a: a.update(k=a["k"].half()), "share one dtype"),
@@ -35,6 +42,7 @@ def attention_inputs(B=2, Hq=4, Hkv=2, T=3, S=7, D=16, dtype=torch.float32):
         (lambda a: a.update(window=0), "window must be a positive int"),
         (lambda a: a.update(num_splits=0), "num_splits must be a positive int"),
         (lambda a: a["pos"].__setitem__((0, 5), 2), "positions out of order"),
+        (lambda a: a["pos"].__setitem__((0, 6), 5), "positions out of order"),  # equal: not strictly increasing
         (lambda a: a["pos"].__setitem__((1, 0), -3), "must be -1"),
         (lambda a: a.update(q=a["q"].to("meta")), "one device"),
         (lambda a: a.update(query_slots=torch.tensor([[4, 5, 6]] * 2).float()), "query_slots must have dtype"),
@@ -67,6 +75,16 @@ def test_attention_accepts_padding_and_unchecked_positions():
     ops.slot_attention(q, k, v, pos, check_positions=False)
     pos[0, 2:] = -5  # past sequence 0's two slots in use: empty whatever they hold, so not checked
     ops.slot_attention(q, k, v, pos, slot_count=torch.tensor([2, 7], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_empty_batch_runs_on_both_backends(monkeypatch, backend):
+    """B = 0 is valid: both backends return empty results of the right shapes."""
+    monkeypatch.setenv("EPIKV_BACKEND", backend)
+    q, k, v, pos = attention_inputs(B=0)
+    result = ops.slot_attention(q, k, v, pos, return_lse=True)
+    assert [tuple(x.shape) for x in result] == [(0, 4, 3, 16), (0, 2, 3), (0, 2, 3), (0, 4, 3)]
+    assert ops.attention_column_sums(q, k, pos, result.lse).shape == (0, 2, 7)
 
 
 def zscore_inputs(B=2, NB=2, T=5, W=8):
@@ -127,6 +145,29 @@ def test_compact_rejects_bad_input():
         ops.compact_slots_(kv, pos[:1], scores, destination)
 
 
+@pytest.mark.parametrize("launch", ["attention", "column_sums"])
+def test_kernels_refuse_planes_past_32_bit_offsets(launch):
+    """A (batch, head) plane spanning more than 2**31 elements (here q as HF's [B, T, Hq, D] view
+    of a 2**20 + 1-token chunk at 16 heads of 128) is refused before any launch; a token less passes.
+    Meta tensors: only shapes and strides are read."""
+    def inputs(T):
+        q = torch.empty(1, T, 16, 128, device="meta").transpose(1, 2)
+        k = torch.empty(1, 2, T, 128, device="meta")
+        pos = torch.empty(1, T, dtype=torch.int64, device="meta")
+        return q, k, pos
+
+    def run(q, k, pos):
+        if launch == "attention":
+            attention.slot_attention(q, k, k, pos)
+        else:
+            h2o.attention_column_sums(q, k, pos, torch.empty(q.shape[:3], device="meta"))
+
+    with pytest.raises(ValueError, match=r"q spans 2147483776 elements .* shorter chunks"):
+        run(*inputs(2**20 + 1))
+    q, k, pos = inputs(2**20)
+    _triton_support.require_int32_plane_offsets(q=q, k=k, pos=pos)
+
+
 def test_backend_env(monkeypatch):
     x = torch.zeros(1)
     monkeypatch.setenv("EPIKV_BACKEND", "torch")
@@ -135,10 +176,36 @@ def test_backend_env(monkeypatch):
     with pytest.raises(ValueError, match="EPIKV_BACKEND must be"):
         ops.backend_for(x)
     monkeypatch.setenv("EPIKV_BACKEND", "triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(_triton_support, "INTERPRET", False)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="needs GPU tensors"):
             ops.backend_for(x)
+
+
+def test_backend_follows_the_interpreter_flag_fixed_at_import(monkeypatch):
+    """Kernels were built for the interpreter or not when imported: a later TRITON_INTERPRET must not reroute."""
+    x = torch.zeros(1)
+    monkeypatch.delenv("EPIKV_BACKEND", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0" if _triton_support.INTERPRET else "1")
+    assert ops.backend_for(x) == ("triton" if _triton_support.INTERPRET or x.is_cuda else "torch")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_ops_are_inference_only(monkeypatch, backend):
+    """With grad on and an input requiring grad, backward raises on both backends (never a silently
+    gradient-free output); under no_grad / inference_mode nothing is recorded."""
+    monkeypatch.setenv("EPIKV_BACKEND", backend)
+    q, k, v, pos = attention_inputs()
+    q.requires_grad_(True)
+    result = ops.slot_attention(q, k, v, pos, return_lse=True)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        result.out.sum().backward()
+    column_sums = ops.attention_column_sums(q, k, pos, result.lse.detach())
+    with pytest.raises(RuntimeError, match="inference-only"):
+        column_sums.sum().backward()
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            assert not ops.slot_attention(q, k, v, pos).out.requires_grad
 
 
 def test_importing_ops_loads_no_transformers():

@@ -17,8 +17,8 @@ from epikv_triton.ops import attention, naive
 from epikv_triton.ops.attention import DECODE_CONFIGS, PREFILL_CONFIGS
 from perf.static_report import StandInDriver
 from tests.helpers import (
-    ANY_SLOT_CASES, assert_close_rms, buffer_in_use, cache_positions, chunk_positions, device, poisoning_runner,
-    prefill_positions, randn, shuffle_slots,
+    ANY_SLOT_CASES, assert_close_rms, buffer_in_use, cache_positions, chunk_positions, config_id, device,
+    poisoning_runner, prefill_positions, randn, shuffle_slots,
 )
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -29,8 +29,6 @@ SMALL_TILES = next(c for c in PREFILL_CONFIGS if c.kwargs == {"BLOCK_M": 64, "BL
 # --------------------------------------------------------------------------- #
 # Input builders
 # --------------------------------------------------------------------------- #
-
-
 
 
 def qkv(B, Hq, Hkv, T, S, D, dtype, layout="contiguous"):
@@ -45,10 +43,6 @@ def qkv(B, Hq, Hkv, T, S, D, dtype, layout="contiguous"):
 def vectors(B, H, D, dtype):
     """Random ``[B, H, D]`` (``prev_k`` / ``prev_v``)."""
     return torch.randn(B, H, D, device=device()).to(dtype)
-
-
-
-
 
 
 # --------------------------------------------------------------------------- #
@@ -210,6 +204,19 @@ def test_prefill_sliding_window(poisoned_allocations, dtype):
     check_against_twin(poisoned_allocations, q, k, v, pos, window=16, return_lse=True)
 
 
+@pytest.mark.parametrize("T", [1, 40], ids=["decode", "chunk"])
+def test_largest_int32_window_sees_everything(poisoned_allocations, T):
+    """window = 2**31 - 1 (a "no window" sentinel) gives exactly the windowless result."""
+    torch.manual_seed(19)
+    B, Hq, Hkv, C, D = 2, 4, 2, 30, 32
+    q, k, v = qkv(B, Hq, Hkv, T, C + T, D, torch.float32)
+    pos = cache_positions(B, C, T, seen=40, holes=3, pad=(0, 6))
+    result, _ = check_against_twin(poisoned_allocations, q, k, v, pos, window=2**31 - 1, return_lse=True)
+    unwindowed = naive.slot_attention(q, k, v, pos, return_lse=True)
+    torch.testing.assert_close(result.out, unwindowed.out)
+    torch.testing.assert_close(result.lse, unwindowed.lse)
+
+
 def test_custom_scale_with_large_scores(poisoned_allocations):
     """Scores in the hundreds: the online softmax must rescale without overflow."""
     torch.manual_seed(3)
@@ -310,7 +317,7 @@ def test_split_at_budget_plus_one(poisoned_allocations, num_splits):
     check_against_twin(poisoned_allocations, q, k, v, pos, num_splits=num_splits, return_lse=True)
 
 
-@pytest.mark.parametrize("config", [PREFILL_CONFIGS[0], SMALL_TILES], ids=lambda c: config_id(c))
+@pytest.mark.parametrize("config", [PREFILL_CONFIGS[0], SMALL_TILES], ids=config_id)
 def test_split_chunk_above_decode_rows(poisoned_allocations, config):
     """T·G = 24 rows (above the decode space) split three ways, as few row blocks get on a GPU."""
     torch.manual_seed(14)
@@ -343,6 +350,32 @@ def test_fully_visible_tiles_skip_the_mask(poisoned_allocations, C, T, window, c
     pos = cache_positions(B, C, T, seen=C)  # the cache holds positions 0..C-1, shuffled
     pos[1, -1] = -1
     check_against_twin(poisoned_allocations, q, k, v, pos, window=window, return_lse=True, config=config)
+
+
+def test_tile_spanning_exactly_the_window_keeps_the_mask(poisoned_allocations):
+    """A hole-free 128-key tile of positions 0..127 and a query at 127 with window 127: the tile spans
+    exactly the window, so key 0 is hidden and the "fully visible" proof must fail (``<``, not ``<=``)."""
+    torch.manual_seed(23)
+    S = 128
+    q, k, v = qkv(1, 2, 1, 1, S, 32, torch.float32)
+    pos = torch.arange(S, device=device())[torch.randperm(S - 1, device=device()).tolist() + [S - 1]][None]
+    decode_128 = next(c for c in DECODE_CONFIGS if c.kwargs["BLOCK_N"] == S)
+    check_against_twin(poisoned_allocations, q, k, v, pos, window=S - 1, return_lse=True, config=decode_128)
+
+
+def test_causal_skip_keeps_the_oldest_key_in_the_window(poisoned_allocations):
+    """A chunk (skip by position) of 20 tokens at positions 100..119, window 10: the only key the first
+    token sees outside the chunk, position 91 = 100 - 10 + 1, sits alone in the first key tile. The
+    scan's lower bound must be exactly earliest - window + 1, or that tile is skipped."""
+    torch.manual_seed(24)
+    C, T, window = 64, 20, 10
+    q, k, v = qkv(1, 1, 1, T, C + T, 32, torch.float32)
+    assert not attention.uses_decode_space(T)
+    pos = torch.full((1, C + T), -1, device=device())
+    pos[0, 5] = 100 - window + 1
+    pos[0, 32:40] = torch.arange(92, 100)
+    pos[0, C:] = torch.arange(100, 100 + T)
+    check_against_twin(poisoned_allocations, q, k, v, pos, window=window, return_lse=True, config=SMALL_TILES)
 
 
 # --------------------------------------------------------------------------- #
@@ -423,6 +456,65 @@ def test_slot_count_bounds_the_slots_in_use(poisoned_allocations, T, num_splits)
         assert torch.equal(got, want)
     assert bool((pos[1, 70:] >= 0).all()), "test setup: the slots past the count must look real"
     assert bool((result.out[0] == 0).all()) and bool(torch.isneginf(result.lse[0]).all())
+
+
+def test_slot_count_past_int32_means_every_slot(poisoned_allocations):
+    """An int64 slot count of 2**31 or more is clamped to S before the kernel's int32 cast, not wrapped
+    (2**31 would become "no slot", 2**32 + 3 three slots)."""
+    torch.manual_seed(20)
+    B, Hq, Hkv, C, T, D = 2, 4, 2, 30, 1, 32
+    q, k, v = qkv(B, Hq, Hkv, T, C + T, D, torch.float32)
+    pos = cache_positions(B, C, T, seen=40, holes=3)
+    slot_count = torch.tensor([2**31, 2**32 + 3], device=device())
+    result, _ = check_against_twin(poisoned_allocations, q, k, v, pos, slot_count=slot_count, return_lse=True)
+    every_slot = naive.slot_attention(q, k, v, pos, return_lse=True)
+    torch.testing.assert_close(result.lse, every_slot.lse)
+
+
+@pytest.mark.parametrize("T", [1, 20], ids=["decode", "chunk"])
+def test_negative_query_slot_is_blind_and_reads_nothing_outside(poisoned_allocations, T):
+    """Query slots are not checked with ``check_positions=False``: slot -1 must read neither the word
+    before a row of ``pos`` (here a position every key is visible to) nor another head's K/V. It is
+    a blind query whose K/V read as zeros: the twin's result with that query in an empty, zeroed slot."""
+    torch.manual_seed(21 + T)
+    B, Hq, Hkv, C, D = 2, 4, 2, 30, 32
+    S = C + T
+    q, k, v = qkv(B, Hq, Hkv, T, S, D, torch.float32)
+    wide = torch.full((B, S + 1), 1000, dtype=torch.int64, device=device())
+    pos = wide[:, 1:]
+    pos.copy_(cache_positions(B, C, T, seen=40, holes=3))
+    query_slots = naive.last_slots(B, T, S, device()).clone()
+    query_slots[1, 0] = -1
+    prev = vectors(B, Hkv, D, torch.float32)
+    kwargs = dict(prev_k=prev, prev_v=prev, return_lse=True)
+    result = poisoned_allocations(q, k, v, pos, query_slots=query_slots, **kwargs)
+
+    empty = int((pos[1, :C] < 0).nonzero()[0, 0])  # a hole of the cache stands in for slot -1
+    standin_slots = query_slots.clone()
+    standin_slots[1, 0] = empty
+    zeroed_k, zeroed_v = k.clone(), v.clone()
+    zeroed_k[1, :, empty] = 0
+    zeroed_v[1, :, empty] = 0
+    expected = naive.slot_attention(q, zeroed_k, zeroed_v, pos, query_slots=standin_slots, **kwargs)
+    for name in ("out", "dk", "dv", "lse"):
+        assert_close_rms(getattr(result, name), getattr(expected, name), torch.float32, name)
+    assert bool((result.out[1, :, 0] == 0).all()) and bool(torch.isneginf(result.lse[1, :, 0]).all())
+
+
+@pytest.mark.parametrize("T", [1, 20], ids=["decode", "chunk"])
+def test_query_slot_past_the_count_is_blind_even_with_visible_keys(poisoned_allocations, T):
+    """A query slot past ``slot_count`` holds a stale position later than every key in use: only the
+    query-slot bound (not the key bound) makes the query blind."""
+    torch.manual_seed(25 + T)
+    B, Hq, Hkv, S, D = 1, 4, 2, 60, 32
+    q, k, v = qkv(B, Hq, Hkv, T, S, D, torch.float32)
+    pos = torch.arange(S, device=device())[None]
+    query_slots = torch.arange(S - T, S, device=device())[None]
+    slot_count = torch.tensor([30], device=device())
+    result, _ = check_against_twin(
+        poisoned_allocations, q, k, v, pos, query_slots=query_slots, slot_count=slot_count, return_lse=True
+    )
+    assert bool((result.out == 0).all()) and bool(torch.isneginf(result.lse).all())
 
 
 def test_explicit_last_slots_equal_the_default(poisoned_allocations):
@@ -531,7 +623,7 @@ def test_tensor_descriptor_path(poisoned_allocations, T, Hq, Hkv, D, dtype, layo
     )
 
 
-@pytest.mark.parametrize("config", PREFILL_CONFIGS, ids=lambda c: config_id(c))
+@pytest.mark.parametrize("config", PREFILL_CONFIGS, ids=config_id)
 @needs_descriptors
 def test_tensor_descriptor_path_any_slots_splits_and_slot_count(poisoned_allocations, config):
     """Every prefill config on the descriptor path, over shuffled slots with empty ones, then split three
@@ -590,10 +682,6 @@ def test_descriptor_path_choice(monkeypatch):
 # --------------------------------------------------------------------------- #
 # Every autotune config, launched explicitly
 # --------------------------------------------------------------------------- #
-
-
-def config_id(config):
-    return f"M{config.kwargs['BLOCK_M']}-N{config.kwargs['BLOCK_N']}-w{config.num_warps}-s{config.num_stages}"
 
 
 @pytest.mark.parametrize("empty_slots", [None, 20], ids=["last-slots", "shuffled-slots"])

@@ -324,6 +324,31 @@ def test_head_dim_spanning_several_blocks():
     check_compaction(buffer, kv_view(S), pos, scores, destination, config=config)
 
 
+def test_destination_outside_the_free_slots_drops_its_slot():
+    """Destinations are not checked (a host sync). One past S (outside the view) or onto a released
+    slot (a source still to be read) drops its slot, as -1 does: the result is the reference's with -1
+    there, and no byte of the buffers around the views changes."""
+    g = torch.Generator().manual_seed(15)
+    P, B, H, S, fill, D, spare = 2, 2, 2, 20, 12, 8, 4
+    buffer = cache_buffer(P, B, H, S, D, torch.float32, g)
+    wide_pos, wide_scores = slot_metadata(B, S + spare, g)
+    pos, scores = wide_pos[:, :S], wide_scores[:, :S]
+    destination = torch.tensor(
+        [[0, S + 1, 2, -1, 5, -1, -1, 7], [fill, 1, -1, S - 1, 4, -1, 6, -1]], device=device()
+    )
+    dropped = torch.where(destination < fill, destination, -1)
+
+    expected_buffer, expected_wide_pos, expected_wide_scores = buffer.clone(), wide_pos.clone(), wide_scores.clone()
+    expected_kv, expected_pos, expected_scores = reference_compact(kv_view(S)(buffer), pos, scores, dropped)
+    kv_view(S)(expected_buffer).copy_(expected_kv)
+    expected_wide_pos[:, :S], expected_wide_scores[:, :S] = expected_pos, expected_scores
+
+    compact_slots_(kv_view(S)(buffer), pos, scores, destination)
+    assert torch.equal(buffer, expected_buffer)
+    assert torch.equal(wide_pos, expected_wide_pos)
+    torch.testing.assert_close(wide_scores, expected_wide_scores, rtol=0, atol=0, equal_nan=True)
+
+
 def test_no_released_slot_is_a_no_op():
     g = torch.Generator().manual_seed(14)
     buffer = cache_buffer(2, 2, 1, 19, 8, torch.float32, g)

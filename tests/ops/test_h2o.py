@@ -18,8 +18,8 @@ from epikv_triton import ops
 from epikv_triton.ops import h2o, naive
 from epikv_triton.ops.h2o import COLUMN_SUM_CONFIGS
 from tests.helpers import (
-    ANY_SLOT_CASES, buffer_in_use, cache_positions, chunk_positions, device, poisoning_runner, prefill_positions,
-    randn, shuffle_slots,
+    ANY_SLOT_CASES, buffer_in_use, cache_positions, chunk_positions, config_id, device, poisoning_runner,
+    prefill_positions, randn, shuffle_slots,
 )
 
 
@@ -214,6 +214,39 @@ def test_slot_count_bounds_the_slots_in_use(poisoned_run, T):
     assert bool((got[past_count] == 0).all()) and bool((got[0] == 0).all())
 
 
+def test_slot_count_past_int32_means_every_slot(poisoned_run):
+    """An int64 slot count of 2**31 or more is clamped to S before the kernel's int32 cast, not wrapped."""
+    torch.manual_seed(20)
+    B, Hq, Hkv, C, T, D = 2, 4, 2, 30, 20, 32
+    q, k = qk(B, Hq, Hkv, T, C + T, D, torch.float32)
+    pos = cache_positions(B, C, T, seen=40, holes=3)
+    slot_count = torch.tensor([2**31, 2**32 + 3], device=device())
+    got, _ = check_against_twin(poisoned_run, q, k, pos, slot_count=slot_count)
+    torch.testing.assert_close(got, naive.attention_column_sums(q, k, pos, pass_one_lse(q, k, pos)))
+
+
+@pytest.mark.parametrize("T", [1, 20], ids=["decode", "chunk"])
+def test_negative_query_slot_is_blind(poisoned_run, T):
+    """Query slots are not checked with ``check_positions=False``: slot -1 must not read the word before a
+    row of ``pos`` (here a position that sees every key). It is a blind query, contributing nothing even
+    with a finite lse: the twin's result with that query in an empty slot."""
+    torch.manual_seed(22 + T)
+    B, Hq, Hkv, C, D = 2, 4, 2, 30, 32
+    S = C + T
+    q, k = qk(B, Hq, Hkv, T, S, D, torch.float32)
+    wide = torch.full((B, S + 1), 1000, dtype=torch.int64, device=device())
+    pos = wide[:, 1:]
+    pos.copy_(cache_positions(B, C, T, seen=40, holes=3))
+    query_slots = naive.last_slots(B, T, S, device()).clone()
+    query_slots[1, 0] = -1
+    standin_slots = query_slots.clone()
+    standin_slots[1, 0] = int((pos[1, :C] < 0).nonzero()[0, 0])
+    lse = pass_one_lse(q, k, pos, query_slots=standin_slots).nan_to_num(neginf=0.0)
+    got = poisoned_run(q, k, pos, lse, query_slots=query_slots)
+    want = naive.attention_column_sums(q, k, pos, lse, query_slots=standin_slots)
+    assert_close_sums(got, want, torch.float32, "column sums vs twin")
+
+
 def test_decode_blind_query(poisoned_run):
     """A padding decode query (lse = -inf) leaves its whole sequence at 0."""
     torch.manual_seed(5)
@@ -286,6 +319,28 @@ def test_fully_visible_tiles_skip_the_mask(poisoned_run, C, T, window, config):
     pos = cache_positions(B, C, T, seen=C)
     pos[1, -1] = -1
     check_against_twin(poisoned_run, q, k, pos, window=window, config=config)
+
+
+def test_largest_int32_window_sees_everything(poisoned_run):
+    """window = 2**31 - 1 (a "no window" sentinel): the window skip's newest key + window - 1 must not
+    wrap, or no token sees any block and every sum is 0."""
+    torch.manual_seed(18)
+    B, Hq, Hkv, C, T, D = 2, 4, 2, 30, 20, 32
+    q, k = qk(B, Hq, Hkv, T, C + T, D, torch.float32)
+    pos = cache_positions(B, C, T, seen=40, holes=3, pad=(0, 6))
+    got, _ = check_against_twin(poisoned_run, q, k, pos, window=2**31 - 1)
+    torch.testing.assert_close(got, naive.attention_column_sums(q, k, pos, pass_one_lse(q, k, pos)))
+
+
+def test_tile_spanning_exactly_the_window_keeps_the_mask(poisoned_run):
+    """The attention case: a hole-free 128-key block of positions 0..127, a query at 127, window 127 hides
+    key 0, so the block must keep the mask."""
+    torch.manual_seed(23)
+    S = 128
+    q, k = qk(1, 2, 1, 1, S, 32, torch.float32)
+    pos = torch.arange(S, device=device())[torch.randperm(S - 1, device=device()).tolist() + [S - 1]][None]
+    got, _ = check_against_twin(poisoned_run, q, k, pos, window=S - 1, config=config_with(16, 128))
+    assert bool((got[:, :, pos[0] == 0] == 0).all())
 
 
 def test_window_of_one_sees_only_itself(poisoned_run):
@@ -372,10 +427,6 @@ def test_custom_scale_with_large_scores(poisoned_run):
 # --------------------------------------------------------------------------- #
 # Every autotune config, launched explicitly
 # --------------------------------------------------------------------------- #
-
-
-def config_id(config):
-    return f"M{config.kwargs['BLOCK_M']}-N{config.kwargs['BLOCK_N']}-w{config.num_warps}-s{config.num_stages}"
 
 
 @pytest.mark.parametrize("empty_slots", [None, 20], ids=["last-slots", "shuffled-slots"])
@@ -490,6 +541,8 @@ def column_sum_inputs(B=2, Hq=4, Hkv=2, T=3, S=7, D=16):
         (lambda a: a.update(k=a["k"].half()), "share one dtype"),
         (lambda a: a.update(k=a["k"][:, :, :, :8]), "k must have shape"),
         (lambda a: a.update(q=torch.randn(2, 3, 3, 16)), "multiple of key/value heads"),
+        (lambda a: a.update(q=torch.randn(2, 0, 3, 16), lse=torch.randn(2, 0, 3)), "positive multiple"),
+        (lambda a: a.update(q=a["q"][..., :0], k=a["k"][..., :0]), r"empty head dim \(D = 0\)"),
         (lambda a: a.update(q=torch.randn(2, 4, 9, 16)), "last T key slots"),
         (lambda a: a.update(pos=a["pos"].float()), "pos must have dtype"),
         (lambda a: a.update(pos=a["pos"][:, :5]), "pos must have shape"),

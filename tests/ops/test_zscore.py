@@ -2,7 +2,9 @@
 
 The Python reference keeps each band's window as a plain list of floats and
 computes the population mean and std of it directly, so it shares no code
-(and no ring-buffer indexing) with either implementation under test.
+(and no ring-buffer indexing) with either implementation under test. Every
+Triton call runs with ``torch.empty`` poisoned (NaN-filled), so a score the
+kernel forgets to write shows up.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import torch
 
 from epikv_triton import ops
 from epikv_triton.ops import naive
-from epikv_triton.ops.zscore import ZSCORE_CONFIGS, rolling_zscore
-from tests.helpers import device
+from epikv_triton.ops import zscore
+from epikv_triton.ops.zscore import ZSCORE_CONFIGS
+from tests.helpers import device, poisoning_runner
 
 EPS = 1e-6
 
@@ -60,6 +63,12 @@ def python_rolling_zscore(values, ring, count, weights, eps=EPS):
     )
 
 
+@pytest.fixture
+def run_kernel(monkeypatch):
+    """The Triton launcher with every float ``torch.empty`` NaN-filled."""
+    return poisoning_runner(monkeypatch, zscore.rolling_zscore)
+
+
 def make_state(counts, W, generator):
     """Ring with random values in its live slots and NaN in the never-written ones (must not be read)."""
     counts = torch.tensor(counts, dtype=torch.int64)
@@ -94,7 +103,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_matches_python_loop_and_naive(name):
+def test_matches_python_loop_and_naive(run_kernel, name):
     counts, W, T = CASES[name]
     g = torch.Generator().manual_seed(list(CASES).index(name))
     B, NB = len(counts), len(counts[0])
@@ -107,7 +116,7 @@ def test_matches_python_loop_and_naive(name):
     naive_ring, naive_count = ring.clone(), count.clone()
     naive_score = naive.rolling_zscore(values, naive_ring, naive_count, weights)
 
-    score = rolling_zscore(values, ring, count, weights)
+    score = run_kernel(values, ring, count, weights)
 
     assert score.shape == (B, T) and score.dtype == torch.float32
     assert bool(torch.isfinite(score).all())
@@ -117,7 +126,7 @@ def test_matches_python_loop_and_naive(name):
     assert_state_equal(ring, count, naive_ring, naive_count)
 
 
-def test_decode_steps_and_uneven_chunks_equal_one_chunk():
+def test_decode_steps_and_uneven_chunks_equal_one_chunk(run_kernel):
     """State is carried across calls: T=1 steps, or chunks of any length, give one long chunk's result."""
     g = torch.Generator().manual_seed(1)
     B, NB, W, T = 2, 2, 8, 30
@@ -126,15 +135,15 @@ def test_decode_steps_and_uneven_chunks_equal_one_chunk():
     weights = torch.tensor([1.29, -1.0], device=device())
 
     whole_ring, whole_count = ring.clone(), count.clone()
-    whole = rolling_zscore(values, whole_ring, whole_count, weights)
+    whole = run_kernel(values, whole_ring, whole_count, weights)
 
     step_ring, step_count = ring.clone(), count.clone()
-    steps = torch.cat([rolling_zscore(values[:, :, t : t + 1], step_ring, step_count, weights) for t in range(T)], dim=1)
+    steps = torch.cat([run_kernel(values[:, :, t : t + 1], step_ring, step_count, weights) for t in range(T)], dim=1)
 
     chunk_ring, chunk_count = ring.clone(), count.clone()
     bounds = [0, 7, 8, 21, T]
     chunks = torch.cat(
-        [rolling_zscore(values[:, :, lo:hi], chunk_ring, chunk_count, weights) for lo, hi in zip(bounds, bounds[1:])],
+        [run_kernel(values[:, :, lo:hi], chunk_ring, chunk_count, weights) for lo, hi in zip(bounds, bounds[1:])],
         dim=1,
     )
 
@@ -144,7 +153,7 @@ def test_decode_steps_and_uneven_chunks_equal_one_chunk():
     assert_state_equal(chunk_ring, chunk_count, whole_ring, whole_count)
 
 
-def test_nan_values_are_skipped():
+def test_nan_values_are_skipped(run_kernel):
     """A NaN neither enters the window nor scores: removing it from the stream changes no other score."""
     g = torch.Generator().manual_seed(2)
     W = 6
@@ -156,9 +165,9 @@ def test_nan_values_are_skipped():
     weights = torch.tensor([1.0], device=device())
 
     clean_ring, clean_count = ring.clone(), count.clone()
-    clean_score = rolling_zscore(clean, clean_ring, clean_count, weights)
+    clean_score = run_kernel(clean, clean_ring, clean_count, weights)
     gap_ring, gap_count = ring.clone(), count.clone()
-    gap_score = rolling_zscore(with_gaps, gap_ring, gap_count, weights)
+    gap_score = run_kernel(with_gaps, gap_ring, gap_count, weights)
 
     gaps = torch.ones(16, dtype=torch.bool)
     gaps[real_at] = False
@@ -167,17 +176,17 @@ def test_nan_values_are_skipped():
     assert_state_equal(gap_ring, gap_count, clean_ring, clean_count)
 
 
-def test_all_nan_chunk_leaves_state_alone():
+def test_all_nan_chunk_leaves_state_alone(run_kernel):
     g = torch.Generator().manual_seed(3)
     ring, count = make_state([[2, 70]], 64, g)
     before_ring, before_count = ring.clone(), count.clone()
     values = torch.full((1, 2, 5), float("nan"), device=device())
-    score = rolling_zscore(values, ring, count, torch.tensor([1.0, -1.0], device=device()))
+    score = run_kernel(values, ring, count, torch.tensor([1.0, -1.0], device=device()))
     assert bool((score == 0).all())
     assert_state_equal(ring, count, before_ring, before_count)
 
 
-def test_non_contiguous_values():
+def test_non_contiguous_values(run_kernel):
     """values is a strided view (tokens-major, every other band of a wider tensor)."""
     g = torch.Generator().manual_seed(4)
     B, NB, W, T = 2, 2, 64, 21
@@ -189,25 +198,25 @@ def test_non_contiguous_values():
 
     naive_ring, naive_count = ring.clone(), count.clone()
     expected = naive.rolling_zscore(values.contiguous(), naive_ring, naive_count, weights)
-    score = rolling_zscore(values, ring, count, weights)
+    score = run_kernel(values, ring, count, weights)
     torch.testing.assert_close(score, expected, rtol=1e-5, atol=1e-5)
     assert_state_equal(ring, count, naive_ring, naive_count)
 
 
 @pytest.mark.parametrize("config", ZSCORE_CONFIGS, ids=lambda c: f"warps{c.num_warps}")
-def test_every_gpu_config(config):
+def test_every_gpu_config(run_kernel, config):
     g = torch.Generator().manual_seed(5)
     ring, count = make_state([[0, 62], [30, 200]], 64, g)
     values = make_values(2, 2, 6, g)
     weights = torch.tensor([1.29, -1.0], device=device())
     naive_ring, naive_count = ring.clone(), count.clone()
     expected = naive.rolling_zscore(values, naive_ring, naive_count, weights)
-    score = rolling_zscore(values, ring, count, weights, config=config)
+    score = run_kernel(values, ring, count, weights, config=config)
     torch.testing.assert_close(score, expected, rtol=1e-5, atol=1e-5)
     assert_state_equal(ring, count, naive_ring, naive_count)
 
 
-def test_public_dispatcher_runs_the_kernel():
+def test_public_dispatcher_runs_the_kernel(monkeypatch):
     g = torch.Generator().manual_seed(6)
     values = make_values(1, 2, 9, g)
     ring, count = make_state([[10, 100]], 64, g)
@@ -215,6 +224,6 @@ def test_public_dispatcher_runs_the_kernel():
     assert ops.backend_for(values) == "triton"
     naive_ring, naive_count = ring.clone(), count.clone()
     expected = naive.rolling_zscore(values, naive_ring, naive_count, weights, eps=1e-3)
-    score = ops.rolling_zscore(values, ring, count, weights, eps=1e-3)
+    score = poisoning_runner(monkeypatch, ops.rolling_zscore)(values, ring, count, weights, eps=1e-3)
     torch.testing.assert_close(score, expected, rtol=1e-5, atol=1e-5)
     assert_state_equal(ring, count, naive_ring, naive_count)
