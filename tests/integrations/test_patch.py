@@ -98,7 +98,7 @@ def test_cache_rollback_and_reorder_raise():
 
 def test_budget_smaller_than_protected_tokens():
     with pytest.raises(ValueError, match=r"budget \(8\) is smaller than the protected tokens \(sink 4 \+ recent 8"):
-        epikv_triton.patch(tiny_model("llama"), budget=8, recent=8)
+        epikv_triton.patch(tiny_model("llama"), budget=8, recent=8, keep_prompt=False)
 
 
 def test_keep_prompt_with_prompt_over_budget():
