@@ -1,6 +1,6 @@
 """The command line, end to end through its real entry point (``epikv_triton.cli.main``
 and ``python -m epikv_triton``), on tiny random-weight models saved to disk and
-on the real stories260k model when ``shared/models`` is present."""
+on the real stories260k model when ``EPIKV_TEST_MODELS`` names its folder."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ import torch
 
 from epikv_triton import cli
 
-SHARED_MODELS = Path(__file__).resolve().parents[1].parent / "shared" / "models"
+from .integrations.models import real_model_folder
+
 CHARS = string.ascii_letters + string.digits + " .,!?'\n"
 
 
@@ -190,9 +191,7 @@ def test_module_entry_point_help_and_error():
 
 
 def test_real_stories260k_compare(tmp_path, capsys):
-    folder = SHARED_MODELS / "stories260k"
-    if not folder.is_dir():
-        pytest.skip(f"real model folder {folder} is absent (shared/models beside the repository)")
+    folder = real_model_folder("stories260k")
     code, out, err = run_cli(
         capsys, "compare", "--model", str(folder), "--prompt", "Once upon a time, there was a little girl named",
         "--method", "full", "--method", "epikv", "--method", "streaming", "--budget", "32", "--budget", "512",
