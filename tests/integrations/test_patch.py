@@ -137,3 +137,47 @@ def test_compiled_prefill_raises_and_default_compile_stays_correct():
     # Without fullgraph, Dynamo runs the frame that touches the cache eagerly: same result as no compile.
     torch.testing.assert_close(torch.compile(model, backend="eager")(**inputs).logits, model(**inputs).logits)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt], ids=["error", "interrupt"])
+def test_a_forward_that_raises_midway_leaves_the_cache_refusing_until_reset(error):
+    model = patched_copy(tiny_model("llama"), budget=16, recent=4)
+    inputs = prompts(1)
+    fresh = model(**inputs, **cached(epikv_triton.new_cache(model)), use_cache=True).logits
+    cache = epikv_triton.new_cache(model)
+
+    def interrupt(module, args, output):
+        raise error("cancelled")
+
+    handle = model.model.layers[-1].register_forward_hook(interrupt)
+    with pytest.raises(error, match="cancelled"):
+        model(**inputs, **cached(cache), use_cache=True)
+    handle.remove()
+    with pytest.raises(RuntimeError, match="raised midway.*new_cache"):
+        model(**inputs, **cached(cache), use_cache=True)
+    cache.reset()
+    assert torch.equal(model(**inputs, **cached(cache), use_cache=True).logits, fresh)
+
+
+def test_a_prompt_too_long_is_refused_before_the_cache_changes():
+    model = patched_copy(tiny_model("llama"), budget=16, recent=4)
+    cache = epikv_triton.new_cache(model)
+    with pytest.raises(ValueError, match=r"longest prompt \(20 tokens\)"):
+        model(**prompts(1, length=20), **cached(cache), use_cache=True)
+    inputs = prompts(1)
+    expected = model(**inputs, **cached(epikv_triton.new_cache(model)), use_cache=True).logits
+    assert torch.equal(model(**inputs, **cached(cache), use_cache=True).logits, expected)
+
+
+def test_keep_prompt_takes_any_prompt_when_the_budget_holds_the_stream():
+    model = tiny_model("llama")
+    patched = patched_copy(model, budget=16, recent=4)
+    inputs = prompts(1, length=14)
+    assert torch.equal(greedy(patched, inputs, 2), greedy(model, inputs, 2))  # 16 tokens: nothing is evicted
+    with pytest.raises(ValueError, match=r"longest prompt \(14 tokens\)"):
+        greedy(patched, inputs, 3)
+    # A hand loop that promised 16 tokens is refused at the chunk that would pass the budget.
+    cache = epikv_triton.new_cache(patched, expected_length=16)
+    patched(**inputs, **cached(cache), use_cache=True)
+    with pytest.raises(ValueError, match=r"longest prompt \(14 tokens\)"):
+        patched(input_ids=inputs["input_ids"][:, :3], **cached(cache), use_cache=True)
