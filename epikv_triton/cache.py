@@ -34,7 +34,8 @@ Compiled steps. A chunk traced by ``torch.compile`` (a decode step, after an
 eager first chunk) must trace to the same graph at every step, so it reads
 nothing that changes per step from Python: the fill, stream length, peak fill
 and eviction count live in the device tensor ``counters``. Such a chunk writes
-its tokens at the device fill (``index_copy_``), attends over the whole
+its keys and values at the device fill (one ``index_put_`` on the whole buffer;
+positions and scores by ``index_copy_``), attends over the whole
 buffer with ``slot_count`` bounding the key tiles that cost anything, and
 computes the eviction at every step, applying it only when it is due
 (:meth:`_evict_compiled`). Eager chunks keep the host counters authoritative
