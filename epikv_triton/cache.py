@@ -34,7 +34,8 @@ Compiled steps. A chunk traced by ``torch.compile`` (a decode step, after an
 eager first chunk) must trace to the same graph at every step, so it reads
 nothing that changes per step from Python: the fill, stream length, peak fill
 and eviction count live in the device tensor ``counters``. Such a chunk writes
-its tokens at the device fill (``index_copy_``), attends over the whole
+its keys and values at the device fill (one ``index_put_`` on the whole buffer;
+positions and scores by ``index_copy_``), attends over the whole
 buffer with ``slot_count`` bounding the key tiles that cost anything, and
 computes the eviction at every step, applying it only when it is due
 (:meth:`_evict_compiled`). Eager chunks keep the host counters authoritative
@@ -104,9 +105,9 @@ class SlotCache:
         # The longest chunk the caller will feed (a chunked read): room for it is allocated up front.
         self.chunk_size = chunk_size
         self.declared_prompt_lengths = None if prompt_lengths is None else [int(n) for n in prompt_lengths]
-        if config.keep_prompt and config.evicts and self.declared_prompt_lengths is not None:
-            check_prompt_fits(config, self.declared_prompt_lengths)
         self.reset()
+        if self.declared_prompt_lengths is not None:
+            self._check_prompt(expected_length)  # up front when the caller says how long the stream gets
 
     def reset(self) -> None:
         """Forget everything: the next chunk starts a new stream."""
@@ -134,6 +135,7 @@ class SlotCache:
         self.chunk_slots: torch.Tensor | None = None  # [T] the slots of a compiled step's chunk
         self.chunk_write_index: tuple[torch.Tensor, ...] | None = None  # see _begin_compiled_chunk
         self.slot_count: torch.Tensor | None = None  # [B] slots in use during a compiled step
+        self.prompt_checked = False  # check_prompt_fits passed for this stream
 
     # ----------------------------------------------------------------- chunks
     def next_positions(
@@ -167,7 +169,17 @@ class SlotCache:
         return torch.where(valid, positions, -1)
 
     def begin_chunk(self, positions: torch.Tensor) -> None:
-        """Open a chunk of ``positions [B, T]`` new tokens (``-1`` = padding); evicts first if they don't fit."""
+        """Open a chunk of ``positions [B, T]`` new tokens (``-1`` = padding); evicts first if they don't fit.
+
+        Everything that can refuse the chunk is checked before any state changes.
+        """
+        if self.chunk is not None:
+            # The previous forward raised (or was interrupted) midway: some layers wrote their keys and advanced
+            # their scorer state, which cannot be rolled back.
+            raise RuntimeError(
+                "a forward over this EpiKV cache raised midway, leaving its keys and scores partly updated: "
+                "build a new cache (epikv_triton.new_cache(model)) or call its reset(), and feed the stream again"
+            )
         if torch.compiler.is_compiling():
             self._begin_compiled_chunk(positions)
             return
@@ -175,12 +187,17 @@ class SlotCache:
         B, T = positions.shape
         if self.seen is None:
             self._fit_declared_prompts(B)
+        elif B != self.seen.shape[0]:
+            raise ValueError(f"this cache holds {self.seen.shape[0]} sequences; the chunk has {B}")
+        # Compiled steps never check (it would guard on per-cache values): without a known bound the first
+        # chunk checks for the whole stream.
+        bound = self.stream_length + T
+        self._check_prompt(None if self.expected_length is None else max(bound, self.expected_length), positions)
+        if self.seen is None:
             self.seen, self.tokens_evicted, self.slots_moved = (
                 static_address(torch.zeros(B, dtype=torch.int64, device=positions.device)) for _ in range(3)
             )
             self.last_valid = static_address(torch.zeros(B, dtype=torch.bool, device=positions.device))
-        elif B != self.seen.shape[0]:
-            raise ValueError(f"this cache holds {self.seen.shape[0]} sequences; the chunk has {B}")
         self.chunk = self._chunk_info(positions)
         if self.kv is not None:
             self._make_room(T)
@@ -245,6 +262,23 @@ class SlotCache:
                 f"{config.budget}, evict_every {config.evict_every}); got {num_tokens}. Run longer chunks eagerly, "
                 f"or make the cache with chunk_size={num_tokens + config.evict_every - 1} or more"
             )
+
+    def _check_prompt(self, stream_end: int | None, positions: torch.Tensor | None = None) -> None:
+        """``keep_prompt=True`` keeps the whole prompt and the recent window once evictions start: refuse
+        a prompt that leaves them no room, but only when the stream may outgrow the budget (``stream_end``
+        tokens per sequence; ``None``: no bound known), so a budget that holds everything runs any prompt
+        (``expected_length`` is then a promise: a chunk that passes the budget is checked, eagerly).
+        Without a declared prompt, the first chunk (``positions``) is the prompt: one host read."""
+        config = self.config
+        if self.prompt_checked or not (config.keep_prompt and config.evicts):
+            return
+        if stream_end is not None and stream_end <= config.budget:
+            return
+        prompt_lengths = self.prompt_lengths
+        if prompt_lengths is None:
+            prompt_lengths = (positions >= 0).sum(dim=1).tolist()
+        check_prompt_fits(config, prompt_lengths)
+        self.prompt_checked = True
 
     def _fit_declared_prompts(self, batch: int) -> None:
         declared = self.declared_prompt_lengths
@@ -341,8 +375,6 @@ class SlotCache:
         if self.prompt_lengths is None:
             # Without a declared prompt, the first chunk is the prompt (generate's prefill).
             self.prompt_lengths = self.seen.tolist()
-            if self.config.keep_prompt and self.config.evicts:
-                check_prompt_fits(self.config, self.prompt_lengths)
         if self.config.keep_prompt:
             self._prompt_prefix(self.seen.device)  # made here, so a compiled step finds it
         if self.config.evicts and self.fill >= self.config.budget + self.config.evict_every:
@@ -444,7 +476,7 @@ class SlotCache:
 
     def _prompt_prefix(self, device: torch.device) -> torch.Tensor:
         """The prompt lengths as a device tensor, made once per stream: no host-to-device copy per
-        eviction. ``check_prompt_fits`` vetted them against the budget when they became known."""
+        eviction. ``_check_prompt`` vetted them against the budget before the stream could outgrow it."""
         if self.prompt_prefix is None:
             self.prompt_prefix = torch.tensor(self.prompt_lengths, dtype=torch.int64, device=device)
         return self.prompt_prefix

@@ -221,8 +221,11 @@ def compare_one_model(args, session: Session, text: str | None) -> dict:
         progress.set_postfix_str(f"{method} {budget or ''}".strip())
         hf.patch(model, budget=budget or max(budgets), method=method, keep_prompt=args.keep_prompt)
         try:
+            # The scored stream protects the same prompt as the generate run beside it: the context, even though
+            # it is fed a chunk at a time (a chunk of one token would otherwise be taken for the whole prompt).
             cache_factory = lambda: hf.new_cache(  # noqa: E731
-                model, expected_length=context.shape[1] + continuation.shape[1], chunk_size=chunk
+                model, prompt_length=context.shape[1], expected_length=context.shape[1] + continuation.shape[1],
+                chunk_size=chunk,
             )
             if text is None:
                 run = evaluation.greedy_generation(model, inputs, new_tokens)

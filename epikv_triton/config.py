@@ -42,9 +42,10 @@ class EpiKVConfig:
     * ``window``: rolling z-score window ``W``.
     * ``bands``: ``(band_a_layers, band_b_layers)``; ``None`` = fractions of depth.
     * ``weights``: ``(w_A, w_B)``; ``None`` = (1.29, 1.0), or (1, 1) for ``epikv_flat``.
-    * ``sink``: first tokens always kept when ``keep_prompt=False``.
+    * ``sink``: first tokens always kept when ``keep_prompt=False`` (unused otherwise).
     * ``recent``: most recent tokens always kept; ``None`` = ``min(128, budget // 4)``.
-    * ``keep_prompt``: keep the whole prompt (it must fit in the budget with ``recent``).
+    * ``keep_prompt``: keep the whole prompt (it must fit in the budget with ``recent`` when the stream
+      can outgrow the budget).
     * ``evict_every``: compact once the cache holds ``budget + evict_every`` tokens.
     * ``lag_chunk``: chunk length ``C`` of ``lag_kv``.
     * ``seed``: seed of ``random``.
@@ -79,7 +80,12 @@ class EpiKVConfig:
             raise ValueError(f"recent must be a non-negative int or None, got {self.recent!r}")
         if not isinstance(self.keep_prompt, bool):
             raise ValueError(f"keep_prompt must be True or False, got {self.keep_prompt!r}")
-        if self.evicts and self.sink + self.recent > self.budget:
+        # keep_prompt protects the prompt instead of the sink (the prompt is checked when it arrives).
+        if self.evicts and self.keep_prompt and self.recent > self.budget:
+            raise ValueError(
+                f"budget ({self.budget}) is smaller than the recent window ({self.recent}): raise the budget or lower recent"
+            )
+        if self.evicts and not self.keep_prompt and self.sink + self.recent > self.budget:
             raise ValueError(
                 f"budget ({self.budget}) is smaller than the protected tokens (sink {self.sink} + recent "
                 f"{self.recent} = {self.sink + self.recent}): raise the budget or lower sink/recent"
@@ -88,8 +94,11 @@ class EpiKVConfig:
             object.__setattr__(self, "bands", _normalise_bands(self.bands))
         if self.weights is None:
             object.__setattr__(self, "weights", _DEFAULT_WEIGHTS.get(self.method, (1.0, 1.0)))
-        if len(self.weights) != 2 or not all(isinstance(w, (int, float)) for w in self.weights):
-            raise ValueError(f"weights must be two numbers (w_A, w_B), got {self.weights!r}")
+        # A NaN weight would make every score NaN, and eviction silently oldest-first.
+        if len(self.weights) != 2 or not all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in self.weights
+        ):
+            raise ValueError(f"weights must be two finite numbers (w_A, w_B), got {self.weights!r}")
         object.__setattr__(self, "weights", (float(self.weights[0]), float(self.weights[1])))
 
     @property
@@ -134,10 +143,10 @@ def _is_int(value: object) -> bool:
 def _normalise_bands(bands: Sequence[Sequence[int]]) -> tuple[tuple[int, ...], tuple[int, ...]]:
     if len(bands) != 2:
         raise ValueError(f"bands must be two lists of layer indices (band A, band B), got {bands!r}")
-    normalised = tuple(tuple(sorted(set(band))) for band in bands)
-    for band in normalised:
+    for band in bands:  # before sorting, which would raise a bare TypeError on a non-int entry
         if not band or any(not _is_int(layer) or layer < 0 for layer in band):
             raise ValueError(f"each band must be a non-empty list of non-negative layer indices, got {bands!r}")
+    normalised = tuple(tuple(sorted(set(band))) for band in bands)
     if set(normalised[0]) & set(normalised[1]):
         raise ValueError(f"bands must be disjoint, got {bands!r}")
     return normalised  # type: ignore[return-value]

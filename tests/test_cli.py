@@ -1,6 +1,6 @@
 """The command line, end to end through its real entry point (``epikv_triton.cli.main``
 and ``python -m epikv_triton``), on tiny random-weight models saved to disk and
-on the real stories260k model when ``shared/models`` is present."""
+on the real stories260k model when ``EPIKV_TEST_MODELS`` names its folder."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ import torch
 
 from epikv_triton import cli
 
-SHARED_MODELS = Path(__file__).resolve().parents[1].parent / "shared" / "models"
+from .integrations.models import real_model_folder
+
 CHARS = string.ascii_letters + string.digits + " .,!?'\n"
 
 
@@ -102,6 +103,23 @@ def test_compare_end_to_end_with_json(tiny_llama, tmp_path, capsys):
     assert rows[("epikv", 24)]["peak_kv_bytes"] < run["reference"]["peak_kv_bytes"]
 
 
+def test_compare_keep_prompt_scores_the_nll_with_the_prompt_kept(tiny_llama, monkeypatch, capsys):
+    """The NLL columns feed the context a token at a time; under --keep-prompt they must still protect the
+    whole prompt, as the generate run of the same row does."""
+    from epikv_triton.integrations import hf
+
+    caches, new_cache = [], hf.new_cache
+    monkeypatch.setattr(hf, "new_cache", lambda *args, **kwargs: caches.append(new_cache(*args, **kwargs)) or caches[-1])
+    code, _, err = run_cli(
+        capsys, "compare", "--model", str(tiny_llama), "--prompt", "Once upon a time", "--method", "epikv",
+        "--budget", "24", "--max-new-tokens", "40", "--keep-prompt",
+    )
+    assert code == 0, err
+    (cache,) = caches
+    assert cache.stats().sequences[0].tokens_evicted > 0
+    assert set(range(16)) <= set(cache.kept_positions()[0])  # the 16 context tokens
+
+
 def test_compare_text_file_reads_in_chunks(tiny_llama, tmp_path, capsys):
     text = tmp_path / "story.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 8)
@@ -173,9 +191,7 @@ def test_module_entry_point_help_and_error():
 
 
 def test_real_stories260k_compare(tmp_path, capsys):
-    folder = SHARED_MODELS / "stories260k"
-    if not folder.is_dir():
-        pytest.skip(f"real model folder {folder} is absent (shared/models beside the repository)")
+    folder = real_model_folder("stories260k")
     code, out, err = run_cli(
         capsys, "compare", "--model", str(folder), "--prompt", "Once upon a time, there was a little girl named",
         "--method", "full", "--method", "epikv", "--method", "streaming", "--budget", "32", "--budget", "512",

@@ -44,6 +44,12 @@ class EpiKVLayer(CacheLayerMixin):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.slots.chunk is None:
+            # Only a patched model's forward opens a chunk before its layers write.
+            raise RuntimeError(
+                "an EpiKVCache only works with the model it was made for, patched by epikv_triton.patch: this model "
+                "is not patched (or was unpatched). Pass no cache, or patch the model"
+            )
         keys, values = self.slots.write(self.layer_idx, key_states, value_states)
         self.is_initialized = True
         return keys, values
@@ -111,5 +117,5 @@ class EpiKVCache(Cache):
 def _unsupported(what: str) -> NotImplementedError:
     return NotImplementedError(
         f"EpiKVCache does not support {what}: it evicts tokens for good, so it cannot roll back or fork "
-        "sequences. Use greedy or sampling generation with one sequence per prompt, or unpatch the model."
+        "sequences. Use greedy decoding or sampling (no beams, no assistant model), or unpatch the model."
     )

@@ -19,13 +19,21 @@ How a patched model runs one forward pass (one chunk of new tokens):
    the cache evicts when it is over its cadence.
 
 ``model.generate`` is wrapped per instance to inject a fresh cache per call
-and to reject beam search and assisted decoding up front.
+and to reject beam search and assisted decoding up front. A forward with
+``use_cache=False`` and no cache is plain attention over the chunk (a
+throwaway ``full`` cache: no scoring, no eviction).
+
+The patch state lives on the modules (so ``copy.deepcopy`` of a patched model
+works), and the cache of the forward in progress is per thread (so threads may
+share a patched model, each over its own cache).
 """
 
 from __future__ import annotations
 
 import functools
-import weakref
+import inspect
+import threading
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -46,9 +54,14 @@ ADAPTERS: dict[str, ModelAdapter] = {a.model_type: a for a in (llama.ADAPTER, qw
 SUPPORTED_GENERATION_MODES = (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE)
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity: the key of the forward in progress, see _ACTIVE
 class _Patch:
-    """What ``patch`` changed on one model, so ``unpatch`` can undo exactly that."""
+    """What ``patch`` changed on one model, so ``unpatch`` can undo exactly that.
+
+    It lives on the modules themselves (``_STATE`` attribute of the model and of each attention module),
+    and the hooks and ``generate`` wrapper reach it through ``functools.partial``: ``copy.deepcopy`` of a
+    patched model then copies one consistent patch along with the modules.
+    """
 
     config: EpiKVConfig
     num_layers: int
@@ -60,7 +73,6 @@ class _Patch:
     own_prepare_inputs: Any
     hooks: list[torch.utils.hooks.RemovableHandle] = field(default_factory=list)
     attention_modules: list[nn.Module] = field(default_factory=list)
-    active: EpiKVCache | None = None  # the cache of the forward pass in progress
 
     def new_cache(
         self,
@@ -74,8 +86,21 @@ class _Patch:
         )
 
 
-_PATCHES: "weakref.WeakKeyDictionary[nn.Module, _Patch]" = weakref.WeakKeyDictionary()
-_PATCH_OF_ATTENTION: "weakref.WeakKeyDictionary[nn.Module, _Patch]" = weakref.WeakKeyDictionary()
+_STATE = "_epikv_patch"
+# Per thread, the cache of each patched model's forward in progress: two threads may run one patched model
+# at once, each over its own cache. (A plain attribute, so a compiled decode step traces it.)
+_ACTIVE = threading.local()
+
+
+def _state_of(module: nn.Module) -> _Patch | None:
+    return vars(module).get(_STATE)
+
+
+def _active_caches() -> dict[_Patch, EpiKVCache]:
+    caches = getattr(_ACTIVE, "caches", None)
+    if caches is None:
+        caches = _ACTIVE.caches = {}
+    return caches
 
 
 def patch(model: nn.Module, **settings: Any) -> nn.Module:
@@ -86,7 +111,7 @@ def patch(model: nn.Module, **settings: Any) -> nn.Module:
     :func:`unpatch` first). Only this model instance changes.
     """
     config = EpiKVConfig(**settings)
-    existing = _PATCHES.get(model)
+    existing = _state_of(model)
     if existing is not None:
         if existing.config == config:
             return model
@@ -117,26 +142,36 @@ def patch(model: nn.Module, **settings: Any) -> nn.Module:
     for index in hidden_layers:
         state.hooks.append(layers[index].register_forward_hook(functools.partial(_observe_hidden, state, index)))
     for layer in layers:
-        _PATCH_OF_ATTENTION[layer.self_attn] = state
+        setattr(layer.self_attn, _STATE, state)
         state.attention_modules.append(layer.self_attn)
     if hasattr(model, "generate"):
-        model.generate = functools.partial(_generate, state, model, type(model).generate.__get__(model))
-        model.prepare_inputs_for_generation = functools.partial(
-            _prepare_inputs, state, type(model).prepare_inputs_for_generation.__get__(model)
-        )
-    _PATCHES[model] = state
+        # An instance-level wrapper the model already had stays in the call chain.
+        generate = state.own_generate or type(model).generate.__get__(model)
+        prepare_inputs = state.own_prepare_inputs or type(model).prepare_inputs_for_generation.__get__(model)
+        model.generate = _wrapper(_generate, state, model, generate)
+        model.prepare_inputs_for_generation = _wrapper(_prepare_inputs, state, prepare_inputs)
+    setattr(model, _STATE, state)
     return model
+
+
+def _wrapper(function: Any, *arguments: Any) -> functools.partial:
+    """``functools.partial(function, *arguments)`` that presents itself as its last argument, the wrapped
+    callable: transformers reads the parameters of ``prepare_inputs_for_generation`` (``inputs_embeds``
+    is refused unless it is one), tools read those of ``generate``. A partial, unlike a closure,
+    is deep-copied along with the model it is bound to."""
+    return functools.update_wrapper(functools.partial(function, *arguments), arguments[-1])
 
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Undo :func:`patch`: original attention, no hooks, the original ``generate``. Returns ``model``."""
-    state = _PATCHES.pop(model, None)
+    state = _state_of(model)
     if state is None:
         raise ValueError("this model is not patched by epikv_triton")
+    delattr(model, _STATE)
     for handle in state.hooks:
         handle.remove()
     for module in state.attention_modules:
-        _PATCH_OF_ATTENTION.pop(module, None)
+        delattr(module, _STATE)
     model.set_attn_implementation(state.original_attn_implementation)
     for name, own in (("generate", state.own_generate), ("prepare_inputs_for_generation", state.own_prepare_inputs)):
         if name in vars(model):
@@ -164,8 +199,11 @@ def new_cache(
     instead of growing. ``chunk_size`` (the longest chunk the loop will feed)
     makes the cache allocate ``budget + max(chunk_size, evict_every)`` slots
     once, so a chunked read never grows it and never holds two buffers.
+
+    One cache serves one stream: a forward that raises midway leaves it
+    unusable (it refuses the next chunk; build a new one or ``reset()`` it).
     """
-    state = _PATCHES.get(model)
+    state = _state_of(model)
     if state is None:
         raise ValueError("new_cache needs a model patched by epikv_triton.patch(model, ...)")
     if isinstance(prompt_length, int):
@@ -190,8 +228,9 @@ def epikv_attention(
     sliding window and the previous chunk's last key come from the cache and
     the adapter, not from ``attention_mask``. Returns ``[B, T, Hq, D]``.
     """
-    state = _PATCH_OF_ATTENTION.get(module)
-    if state is None or state.active is None:
+    state = _state_of(module)
+    cache = None if state is None else _active_caches().get(state)
+    if cache is None:
         raise RuntimeError(
             "the 'epikv' attention function only runs inside a model patched by epikv_triton.patch; "
             "call epikv_triton.unpatch(model) to use another attention implementation"
@@ -199,21 +238,34 @@ def epikv_attention(
     if dropout > 0:
         raise ValueError("EpiKV attention is inference-only: attention dropout must be 0 (call model.eval())")
     layer = module.layer_idx
-    out = state.active.slots.attend(layer, query, key, value, scale=scaling, window=state.windows[layer])
+    out = cache.slots.attend(layer, query, key, value, scale=scaling, window=state.windows[layer])
     return out.transpose(1, 2), None
 
 
 def _begin_forward(state: _Patch, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    if kwargs.get("output_attentions", getattr(module.config, "output_attentions", False)):
+        raise ValueError(
+            "a model patched by epikv_triton does not compute attention weights (output_attentions=True): "
+            "epikv_triton.unpatch(model) to inspect them"
+        )
     cache = pop_cache(kwargs)
+    use_cache = kwargs.get("use_cache")
     if cache is None:
-        cache = state.new_cache()
+        if (module.config.use_cache if use_cache is None else use_cache) is False:
+            # Nothing will read a cache after this forward (a loss or perplexity pass): plain attention over
+            # the chunk, with no scoring and no prompt to protect.
+            cache = EpiKVCache(EpiKVConfig(budget=state.config.budget, method="full"), state.num_layers)
+        else:
+            cache = state.new_cache()
     elif not isinstance(cache, EpiKVCache):
         raise TypeError(
             f"a model patched by epikv_triton needs an EpiKVCache as {state.cache_keyword}, got "
             f"{type(cache).__name__}: pass epikv_triton.new_cache(model), or nothing"
         )
-    elif cache.config != state.config:
-        raise ValueError("this EpiKVCache was made for other settings: build it with epikv_triton.new_cache(model)")
+    elif cache.config != state.config or cache.slots.num_layers != state.num_layers:
+        raise ValueError(
+            "this EpiKVCache was made for another model or other settings: build it with epikv_triton.new_cache(model)"
+        )
     kwargs[state.cache_keyword] = cache
     inputs = kwargs.get("input_ids", args[0] if args else None)
     if inputs is None:
@@ -230,41 +282,65 @@ def _begin_forward(state: _Patch, module: nn.Module, args: tuple, kwargs: dict) 
     cache.slots.begin_chunk(positions)
     if position_ids is None:
         kwargs["position_ids"] = positions.clamp(min=0)
-    state.active = cache
+    _active_caches()[state] = cache
     return args, kwargs
 
 
 def _end_forward(state: _Patch, module: nn.Module, args: tuple, output: Any) -> None:
-    cache, state.active = state.active, None
+    cache = _active_caches().pop(state, None)
+    # When the forward raised (output None), its chunk stays open: the cache then refuses the next one.
+    # (A KeyboardInterrupt skips this hook altogether, with the same effect; the next forward replaces the entry.)
     if cache is not None and cache.slots.chunk is not None and output is not None:
         cache.slots.end_chunk()
 
 
 def _observe_hidden(state: _Patch, layer: int, module: nn.Module, args: tuple, output: Any) -> None:
     hidden = output[0] if isinstance(output, tuple) else output
-    state.active.slots.observe_hidden(layer, hidden)
+    _active_caches()[state].slots.observe_hidden(layer, hidden)
 
 
 # --------------------------------------------------------------------- generate
 def _generate(state: _Patch, model: nn.Module, original: Any, *args: Any, **kwargs: Any) -> Any:
     """``generate`` with a fresh EpiKVCache per call; unsupported modes raise before any work."""
-    cache = pop_cache(kwargs)
-    generation_config = _checked_generation_config(model, kwargs)
+    named, extra = _generate_arguments(model, args, kwargs)
+    cache = pop_cache(extra)
+    generation_config = _checked_generation_config(model, named, extra)
     if cache is None:
-        prompt_lengths = _prompt_lengths(args, kwargs)
+        candidates = (named.get("inputs"), extra.get("input_ids"), extra.get("inputs_embeds"))
+        inputs = next((x for x in candidates if x is not None), None)
+        prompt_lengths = _prompt_lengths(model, generation_config, inputs, extra.get("attention_mask"))
         if prompt_lengths is not None:
             # generate repeats each prompt num_return_sequences times before the prefill.
             copies = generation_config.num_return_sequences or 1
             prompt_lengths = [n for n in prompt_lengths for _ in range(copies)]
         cache = state.new_cache(
             prompt_lengths,
-            _expected_length(args, kwargs, generation_config),
+            None if inputs is None or generation_config.max_new_tokens is None
+            else inputs.shape[1] + generation_config.max_new_tokens,  # the most a full cache can need
             getattr(generation_config, "prefill_chunk_size", None),
             # transformers compiles the decode step only over a cache that says it may.
             compiled_generation=generation_config.compile_config is not None and not generation_config.disable_compile,
         )
-    kwargs[state.cache_keyword] = cache
-    return original(*args, **kwargs)
+        _check_compiled_prefill(model, state, cache, generation_config)
+    extra[state.cache_keyword] = cache
+    return original(**named, **extra)
+
+
+def _generate_arguments(model: nn.Module, args: tuple, kwargs: dict) -> tuple[dict, dict]:
+    """``generate``'s arguments by name (``generation_config`` may come positionally), split into its
+    named parameters and the rest (model inputs and generation settings)."""
+    signature = inspect.signature(type(model).generate.__get__(model))
+    try:
+        bound = signature.bind_partial(*args, **kwargs)
+    except TypeError as error:
+        raise TypeError(f"generate{signature}: {error}") from None
+    named, extra = {}, {}
+    for name, value in bound.arguments.items():
+        if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            extra = dict(value)
+        else:
+            named[name] = value
+    return named, extra
 
 
 def _prepare_inputs(state: _Patch, original: Any, *args: Any, **kwargs: Any) -> dict:
@@ -285,12 +361,16 @@ def _prepare_inputs(state: _Patch, original: Any, *args: Any, **kwargs: Any) -> 
     return inputs
 
 
-def _checked_generation_config(model: nn.Module, kwargs: dict) -> Any:
-    """The generation config this call will use; raises for modes a bounded cache cannot serve."""
-    settings = {k: v for k, v in kwargs.items() if k not in ("generation_config", "assistant_model")}
+def _checked_generation_config(model: nn.Module, named: dict, extra: dict) -> Any:
+    """The generation config this call will use; raises for modes a bounded cache cannot serve.
+
+    Forces ``use_cache`` on (in ``extra``) when only the model's defaults turned it off: without a cache,
+    generate re-reads the whole sequence at every step, which a bounded cache cannot follow.
+    """
+    given = named.get("generation_config")
     # transformers' own merge of model defaults, generation_config and kwargs (a copy; nothing is modified).
-    generation_config, _ = model._prepare_generation_config(kwargs.get("generation_config"), **settings)
-    mode = generation_config.get_generation_mode(kwargs.get("assistant_model"))
+    generation_config, _ = model._prepare_generation_config(given, **extra)
+    mode = generation_config.get_generation_mode(named.get("assistant_model"))
     if mode not in SUPPORTED_GENERATION_MODES:
         raise NotImplementedError(
             f"generate with {mode.value.replace('_', ' ')} is not supported by a model patched by epikv_triton: "
@@ -300,30 +380,47 @@ def _checked_generation_config(model: nn.Module, kwargs: dict) -> Any:
     if generation_config.cache_implementation is not None:
         raise NotImplementedError(
             f"cache_implementation={generation_config.cache_implementation!r} cannot be used with a model patched by "
-            "epikv_triton: it brings its own bounded cache, which is not compileable. Drop cache_implementation."
+            "epikv_triton: it brings its own bounded cache. Drop cache_implementation (compiled decoding is "
+            "asked for with compile_config)."
         )
+    if generation_config.use_cache is False:
+        if extra.get("use_cache") is False or (given is not None and given.use_cache is False):
+            raise ValueError(
+                "generate(use_cache=False) re-reads the whole sequence at every step, which a bounded cache cannot "
+                "follow: pass use_cache=True (the default), or unpatch the model"
+            )
+        warnings.warn(
+            "this model's generation_config says use_cache=False (saved from a training run?); a model patched by "
+            "epikv_triton generates with its bounded cache, so generate runs with use_cache=True",
+            stacklevel=3,
+        )
+        extra["use_cache"] = generation_config.use_cache = True
     return generation_config
 
 
-def _expected_length(args: tuple, kwargs: dict, generation_config: Any) -> int | None:
-    """Prompt width plus the tokens ``generate`` may add: the most a full cache can need."""
-    inputs = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
-    if not isinstance(inputs, torch.Tensor) or generation_config.max_new_tokens is None:
-        return None
-    return inputs.shape[1] + generation_config.max_new_tokens
+def _check_compiled_prefill(model: nn.Module, state: _Patch, cache: EpiKVCache, generation_config: Any) -> None:
+    """transformers runs every prefill chunk through the compiled call when it compiles, but the first
+    chunk of an EpiKV cache sizes its buffers and must run eagerly: refuse before any work."""
+    if generation_config.prefill_chunk_size is None:
+        return
+    if model._valid_auto_compile_criteria({state.cache_keyword: cache}, generation_config):
+        raise ValueError(
+            "generate(prefill_chunk_size=...) with a compile_config would compile the prompt's first chunk, which "
+            "an EpiKV cache must read eagerly: drop prefill_chunk_size (the prompt is then read in one eager "
+            "pass), or pass disable_compile=True"
+        )
 
 
-def _prompt_lengths(args: tuple, kwargs: dict) -> list[int] | None:
+def _prompt_lengths(model: nn.Module, generation_config: Any, inputs: Any, mask: Any) -> list[int] | None:
     """Real prompt tokens per sequence, so ``keep_prompt`` protects the prompt even when it is read in chunks."""
-    inputs = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
-    if inputs is None:
-        inputs = kwargs.get("inputs_embeds")
     if not isinstance(inputs, torch.Tensor):
         return None
-    mask = kwargs.get("attention_mask")
-    if isinstance(mask, torch.Tensor) and mask.ndim == 2:
-        return mask.sum(dim=1).tolist()
-    return [inputs.shape[1]] * inputs.shape[0]
+    if not (isinstance(mask, torch.Tensor) and mask.ndim == 2):
+        # generate infers the padding mask from pad_token_id; count the real tokens the same way, with its own
+        # code (on our copy of the config, which it annotates; None: no warnings, generate gives its own).
+        model._prepare_special_tokens(generation_config, None, inputs.device)
+        mask = model._prepare_attention_mask_for_generation(inputs, generation_config, {})
+    return mask.sum(dim=1).tolist()
 
 
 def check_supported(model: nn.Module) -> None:

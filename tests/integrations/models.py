@@ -1,12 +1,13 @@
 """Tiny random-weight models of each supported family, and the real stories260k models.
 
-Models are built from configs (no downloads); the real ones come from
-``shared/models`` beside the repository and are skipped when it is absent.
+Models are built from configs (no downloads); the real ones come from the
+folder named by ``EPIKV_TEST_MODELS`` and are skipped when it is unset or absent.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,6 @@ import epikv_triton
 
 #: What the installed transformers calls the cache argument and output field (``cache`` from 5.24 on).
 CACHE = epikv_triton.cache_keyword(LlamaForCausalLM)
-SHARED_MODELS = Path(__file__).resolve().parents[2].parent / "shared" / "models"
 SLIDING_WINDOW = 8
 
 _COMMON = dict(
@@ -82,12 +82,20 @@ def greedy(model: torch.nn.Module, inputs: dict, new_tokens: int, **kwargs) -> t
     return model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **kwargs)
 
 
+def real_model_folder(name: str) -> Path:
+    """``$EPIKV_TEST_MODELS/<name>`` (the real stories260k models), or a skip saying what is missing."""
+    root = os.environ.get("EPIKV_TEST_MODELS")
+    if not root:
+        pytest.skip("EPIKV_TEST_MODELS is not set: point it at the folder of the real stories260k models")
+    folder = Path(root) / name
+    if not folder.is_dir():
+        pytest.skip(f"real model folder {folder} is absent (EPIKV_TEST_MODELS={root})")
+    return folder
+
+
 def stories_model(name: str) -> tuple[torch.nn.Module, object]:
     """A real stories260k model and its tokenizer, or a skip naming the missing folder."""
-    folder = SHARED_MODELS / name
-    if not folder.is_dir():
-        pytest.skip(f"real model folder {folder} is absent (shared/models beside the repository)")
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(real_model_folder(name), dtype=torch.float32).eval()
     model.generation_config.eos_token_id = None  # fixed-length runs, as with the tiny models
-    tokenizer = AutoTokenizer.from_pretrained(SHARED_MODELS / "stories260k")
+    tokenizer = AutoTokenizer.from_pretrained(real_model_folder("stories260k"))
     return model, tokenizer

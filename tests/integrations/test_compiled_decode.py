@@ -103,6 +103,20 @@ def test_generate_compile_config_compiles_the_decode_step():
     assert torch.equal(actual, expected)
 
 
+def test_generate_refuses_compile_config_with_prefill_chunks_before_any_work():
+    """transformers would run every prompt chunk through the compiled call; an EpiKV cache reads its first
+    chunk eagerly, so the combination is refused up front, and what the message suggests still runs."""
+    model = patched_copy(tiny_model("llama"), budget=BUDGET)
+    compile_config = CompileConfig(fullgraph=True, backend="aot_eager")
+    compile_config._compile_all_devices = True
+    settings = dict(max_new_tokens=5, do_sample=False, compile_config=compile_config)
+    with pytest.raises(ValueError, match="prefill_chunk_size.*compile_config.*disable_compile=True"):
+        model.generate(**prompts(2), **settings, prefill_chunk_size=4)
+    assert not hasattr(model, "_compiled_call")
+    expected = model.generate(**prompts(2), max_new_tokens=5, do_sample=False, prefill_chunk_size=4)
+    assert torch.equal(model.generate(**prompts(2), **settings, prefill_chunk_size=4, disable_compile=True), expected)
+
+
 @pytest.mark.parametrize("evict_every", [1, 3])
 def test_compiled_chunks_of_several_tokens_match_eager(evict_every):
     """Chunks of 4 tokens compile too, given the room the refusal below names (``chunk_size``)."""

@@ -49,13 +49,22 @@ def test_explicit_bands_are_validated_against_depth():
         (dict(sink=-1), "sink must be a non-negative int"),
         (dict(recent=-2), "recent must be a non-negative int"),
         (dict(keep_prompt="yes"), "keep_prompt must be True or False"),
-        (dict(weights=(1.0,)), "weights must be two numbers"),
-        (dict(budget=10, sink=4, recent=7), r"smaller than the protected tokens \(sink 4 \+ recent 7 = 11\)"),
+        (dict(weights=(1.0,)), "weights must be two finite numbers"),
+        (dict(weights=(float("nan"), 1.0)), "weights must be two finite numbers"),
+        (dict(weights=(True, 1.0)), "weights must be two finite numbers"),
+        (dict(bands=([1, "2"], [3])), "non-negative layer indices"),
+        (dict(budget=10, sink=4, recent=7, keep_prompt=False), r"smaller than the protected tokens \(sink 4 \+ recent 7 = 11\)"),
+        (dict(budget=10, recent=11), r"smaller than the recent window \(11\)"),
     ],
 )
 def test_invalid_settings_raise(settings, match):
     with pytest.raises(ValueError, match=match):
         EpiKVConfig(**settings)
+
+
+def test_sink_is_not_counted_when_the_prompt_is_kept():
+    """keep_prompt=True protects the prompt, not the sink: only the recent window must fit the budget."""
+    assert EpiKVConfig(budget=8, recent=6).recent == 6
 
 
 def test_full_ignores_the_protected_budget_check():

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
+from transformers import GenerationConfig
 
+import epikv_triton
 from epikv_triton.config import METHODS
 
 from .models import greedy, patched_copy, prompts, stories_model, tiny_model
@@ -63,3 +67,78 @@ def test_generate_does_not_share_caches_between_calls():
     inputs = prompts(1)
     assert torch.equal(greedy(model, inputs, 30), greedy(model, inputs, 30))
 
+
+
+def test_generate_refuses_use_cache_false_and_overrides_a_model_default():
+    """Without a cache generate re-reads the whole sequence every step, which a bounded cache cannot follow:
+    refused when asked for, overridden (with a warning) when only the model's defaults say so."""
+    model = patched_copy(tiny_model("llama"), budget=16, recent=4)
+    inputs = prompts(1)
+    with pytest.raises(ValueError, match="use_cache=False"):
+        greedy(model, inputs, 30, use_cache=False)
+    config = GenerationConfig(use_cache=False, max_new_tokens=30, do_sample=False, pad_token_id=0)
+    with pytest.raises(ValueError, match="use_cache=False"):
+        model.generate(**inputs, generation_config=config)
+    expected = greedy(model, inputs, 30)
+    model.generation_config.use_cache = False  # as saved by a training run with gradient checkpointing
+    with pytest.warns(UserWarning, match="runs with use_cache=True"):
+        assert torch.equal(greedy(model, inputs, 30), expected)
+
+
+def test_generate_from_inputs_embeds_matches_unpatched():
+    model = tiny_model("llama")
+    inputs = prompts(2)
+    settings = dict(
+        inputs_embeds=model.get_input_embeddings()(inputs["input_ids"]), attention_mask=inputs["attention_mask"],
+        max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0,
+    )
+    patched = patched_copy(model, budget=64)
+    # transformers takes inputs_embeds only when prepare_inputs_for_generation names it; tools read generate's too.
+    assert inspect.signature(patched.generate) == inspect.signature(model.generate)
+    assert torch.equal(patched.generate(**settings), model.generate(**settings))
+
+
+@pytest.mark.parametrize("prefill_chunk_size", [None, 5])
+def test_left_padded_batch_without_mask_matches_the_explicit_mask(prefill_chunk_size):
+    """generate infers the padding from pad_token_id; the cache must protect the same real prompt tokens."""
+    model = patched_copy(tiny_model("llama"), budget=24, recent=4)
+    inputs = prompts(2)
+    expected = greedy(model, inputs, 30, prefill_chunk_size=prefill_chunk_size)
+    actual = greedy(model, {"input_ids": inputs["input_ids"]}, 30, prefill_chunk_size=prefill_chunk_size)
+    assert torch.equal(actual, expected)
+
+
+def test_positional_generation_config_is_checked_and_used():
+    model = patched_copy(tiny_model("llama"), budget=16, recent=4)
+    inputs = prompts(2)
+    forwards = []
+    model.model.register_forward_pre_hook(lambda *args: forwards.append(1))
+    beams = GenerationConfig(num_beams=2, max_new_tokens=5, pad_token_id=0)
+    with pytest.raises(NotImplementedError, match="beam search"):
+        model.generate(inputs["input_ids"], beams, attention_mask=inputs["attention_mask"])
+    assert not forwards, "refused only after the prefill ran"
+    sampling = GenerationConfig(do_sample=True, num_return_sequences=2, max_new_tokens=30, pad_token_id=0)
+    torch.manual_seed(0)
+    expected = model.generate(**inputs, generation_config=sampling)
+    torch.manual_seed(0)
+    actual = model.generate(inputs["input_ids"], sampling, attention_mask=inputs["attention_mask"])
+    assert actual.shape == (4, 42) and torch.equal(actual, expected)
+
+
+def test_an_instance_generate_wrapper_stays_in_the_chain():
+    model = tiny_model("llama")
+    reference = patched_copy(model, budget=16, recent=4)
+    calls = []
+    class_generate = model.generate
+
+    def own_generate(*args, **kwargs):
+        calls.append(1)
+        return class_generate(*args, **kwargs)
+
+    model.generate = own_generate
+    epikv_triton.patch(model, budget=16, recent=4)
+    inputs = prompts(2)
+    assert torch.equal(greedy(model, inputs, 30), greedy(reference, inputs, 30))  # bounded, through own_generate
+    assert calls == [1]
+    epikv_triton.unpatch(model)
+    assert model.generate is own_generate
