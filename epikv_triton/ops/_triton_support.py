@@ -63,11 +63,15 @@ def require_int32_plane_offsets(**tensors: torch.Tensor | None) -> None:
     view at 64 heads of 128). The leading axes are ``[B]`` for 2-D tensors
     and ``[B, H]`` otherwise.
     """
+    # Runs at every launch (each layer of a decode step): plain int arithmetic, torch strides are never negative.
     for name, x in tensors.items():
         if x is None:
             continue
-        leading = 1 if x.ndim == 2 else 2
-        span = sum((size - 1) * abs(stride) for size, stride in zip(x.shape[leading:], x.stride()[leading:]) if size)
+        shape, strides = x.shape, x.stride()
+        span = 0
+        for axis in range(1 if x.ndim == 2 else 2, x.ndim):
+            if shape[axis]:
+                span += (shape[axis] - 1) * strides[axis]
         if span >= 2**31:
             raise ValueError(
                 f"{name} spans {span + 1} elements inside one (batch, head) plane, past the kernels' 32-bit "
