@@ -1,8 +1,8 @@
 """epikv_triton: bounded KV-cache generation by the EpiKV epiphany score.
 
 ``from epikv_triton import ops`` gives the kernel set and imports no
-transformers module; ``patch``/``unpatch``/``new_cache`` load the Hugging Face
-integration on first use.
+transformers module; ``patch``/``unpatch``/``new_cache``/``calibrate`` load the
+Hugging Face integration on first use.
 """
 
 from __future__ import annotations
@@ -14,9 +14,11 @@ __version__ = "0.1.0"
 _LAZY = {
     "ops": ("epikv_triton.ops", None),
     "EpiKVConfig": ("epikv_triton.config", "EpiKVConfig"),
-    "patch": ("epikv_triton.integrations.hf", "patch"),
-    "unpatch": ("epikv_triton.integrations.hf", "unpatch"),
-    "new_cache": ("epikv_triton.integrations.hf", "new_cache"),
+    "Calibration": ("epikv_triton.calibration", "Calibration"),
+    "calibrate": ("epikv_triton.integrations.calibration", "calibrate"),
+    "patch": ("epikv_triton.integrations.patching", "patch"),
+    "unpatch": ("epikv_triton.integrations.patching", "unpatch"),
+    "new_cache": ("epikv_triton.integrations.patching", "new_cache"),
     "cache_keyword": ("epikv_triton.integrations.keywords", "cache_keyword"),
 }
 
@@ -33,4 +35,6 @@ def __dir__() -> list[str]:
     return sorted([*globals(), *_LAZY])
 
 
-__all__ = ["EpiKVConfig", "__version__", "cache_keyword", "new_cache", "ops", "patch", "unpatch"]
+__all__ = [
+    "Calibration", "EpiKVConfig", "__version__", "cache_keyword", "calibrate", "new_cache", "ops", "patch", "unpatch"
+]

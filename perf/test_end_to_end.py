@@ -50,7 +50,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 from transformers.cache_utils import Cache, DynamicLayer
 
 import epikv_triton
-from epikv_triton.integrations.cache import EpiKVCache
+from epikv_triton.integrations.transformers_cache import EpiKVCache
 from perf import measure
 
 DEV = measure.device()

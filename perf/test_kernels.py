@@ -268,7 +268,8 @@ CACHE_HEADROOM = 256
 
 
 def compaction_inputs(shape: CacheShape):
-    """``kv`` (a ``[P, B, H, S, D]`` view of a larger buffer), ``pos``, ``scores``, ``destination`` and pristine copies."""
+    """``kv`` (a ``[P, B, H, S, D]`` view of a larger buffer), ``pos``, ``scores``, ``destination`` and pristine
+    copies."""
     P, B, H, S, D = shape
     buffer = torch.randn(P, B, H, S + CACHE_HEADROOM, D, device=DEV, dtype=DTYPE)
     kv = buffer[:, :, :, :S]
@@ -321,7 +322,9 @@ def test_compaction(benchmark, record, ceilings, shape, variant):
 
         seconds = measure.bench_fresh(benchmark, lambda: ops.compact_slots_(kv, pos, scores, destination), restore, DEV)
     anchor = anchor_seconds(group_name, shape.label, copy)
-    add_row(record, ceilings, group_name, shape.label, variant, seconds, anchor, bytes_moved=bytes_moved, bound="memory")
+    add_row(
+        record, ceilings, group_name, shape.label, variant, seconds, anchor, bytes_moved=bytes_moved, bound="memory"
+    )
 
 
 # --------------------------------------------------------------------------- #
@@ -376,7 +379,9 @@ def test_zscore_update(benchmark, record, ceilings, shape, variant):
     else:
         seconds = measure.bench(benchmark, lambda: ops.rolling_zscore(values, ring, count, weights), DEV)
     anchor = anchor_seconds(group_name, shape.label, copy)
-    add_row(record, ceilings, group_name, shape.label, variant, seconds, anchor, bytes_moved=bytes_moved, bound="memory")
+    add_row(
+        record, ceilings, group_name, shape.label, variant, seconds, anchor, bytes_moved=bytes_moved, bound="memory"
+    )
 
 
 # --------------------------------------------------------------------------- #

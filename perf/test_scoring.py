@@ -25,9 +25,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from epikv_triton.config import METHODS, EpiKVConfig
+from epikv_triton.config import EpiKVConfig
 from epikv_triton.ops import AttentionResult
-from epikv_triton.scoring import AttentionView, ChunkInfo, make_scorer
+from epikv_triton.scoring import AttentionView, ChunkInfo, evicting_methods, make_scorer
 from perf import measure
 
 DEV = measure.device()
@@ -37,7 +37,6 @@ LAYERS, HIDDEN, Q_HEADS, KV_HEADS, HEAD_DIM = (32, 4096, 32, 8, 128) if ON_GPU e
 SHAPE = f"L{LAYERS} d{HIDDEN} H{Q_HEADS}/{KV_HEADS}x{HEAD_DIM} B1"
 CHUNK_LENGTHS = [1024, 4096, 16384]
 H2O_MAX_CHUNK = 16384 if ON_GPU else 1024
-SCORED_METHODS = [m for m in METHODS if m != "full"]  # full never scores: it shares streaming's scorer
 
 _PER_TOKEN_AT_1K: dict[str, float] = {}
 
@@ -54,7 +53,8 @@ def chunk_signals(T: int):
     valid = torch.ones_like(positions, dtype=torch.bool)
     chunk = ChunkInfo(positions, valid, valid)
     hidden = randn(1, T, HIDDEN)
-    query, keys, values = randn(1, Q_HEADS, T, HEAD_DIM), randn(1, KV_HEADS, T, HEAD_DIM), randn(1, KV_HEADS, T, HEAD_DIM)
+    query = randn(1, Q_HEADS, T, HEAD_DIM)
+    keys, values = randn(1, KV_HEADS, T, HEAD_DIM), randn(1, KV_HEADS, T, HEAD_DIM)
     deltas = torch.rand(2, 1, KV_HEADS, T, generator=g, device=DEV)
     lse = torch.rand(1, Q_HEADS, T, generator=g, device=DEV) + 8.0
     result = AttentionResult(None, deltas[0], deltas[1], lse)
@@ -74,7 +74,7 @@ def score_one_chunk(method: str, chunk: ChunkInfo, hidden: torch.Tensor, view: A
 
 @pytest.mark.benchmark(group="scoring")
 @pytest.mark.parametrize("T", CHUNK_LENGTHS)
-@pytest.mark.parametrize("method", SCORED_METHODS)
+@pytest.mark.parametrize("method", evicting_methods())  # full's scores pick nothing: it shares streaming's scorer
 def test_scorer_cost_per_token(benchmark, record, method, T):
     if method == "h2o" and T > H2O_MAX_CHUNK:
         pytest.skip(f"the CPU h2o twin materialises T x T probabilities per layer; run up to T = {H2O_MAX_CHUNK}")

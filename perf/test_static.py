@@ -3,7 +3,7 @@
 ``pytest perf/ --benchmark -k static`` compiles every config of every kernel
 (attention prefill, chunked prefill and decode with its split combine, H2O
 column sums, z-score, compaction) for sm_90 and sm_80, bf16 and fp16,
-head_dim 128 and 64, through the real launchers (:mod:`perf.static_report`),
+head_dim 128 and 64, through the real launchers (:mod:`epikv_triton.ops.static_report`),
 and records per config: registers per thread, stack bytes (spills), shared
 memory against the target's per-block limit, whether the dots lower to
 Hopper wgmma and the loads to TMA. The rows also go to ``--static-json``
@@ -17,7 +17,7 @@ import json
 import pathlib
 from concurrent.futures import ThreadPoolExecutor
 
-from perf.static_report import report_in_fresh_process
+from epikv_triton.ops.static_report import report_in_fresh_process
 
 TARGETS = [(arch, dtype, head_dim) for arch in (90, 80) for dtype in ("bf16", "fp16") for head_dim in (128, 64)]
 PARALLEL_PROCESSES = 2

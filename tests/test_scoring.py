@@ -10,8 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from epikv_triton import scoring
-from epikv_triton.scoring import AttentionView, BandScorer, ChunkInfo, KeyNormScorer, LagKVScorer
+from epikv_triton.scoring import AttentionView, ChunkInfo, base
+from epikv_triton.scoring.bands import BandScorer
+from epikv_triton.scoring.baselines import KeyNormScorer
+from epikv_triton.scoring.lag_kv import LagKVScorer
 from tests.helpers import shuffle_slots
 
 LAG_CHUNK = 8
@@ -61,10 +63,10 @@ def reference_lag_kv(keys, values, padding):
     return scores
 
 
-@pytest.mark.parametrize("slice_elements", [scoring.TEMPORARY_SLICE_ELEMENTS, 2 * 2 * HEADS * HEAD_DIM * 5 + 1])
+@pytest.mark.parametrize("slice_elements", [base.TEMPORARY_SLICE_ELEMENTS, 2 * 2 * HEADS * HEAD_DIM * 5 + 1])
 def test_lag_kv_matches_the_per_token_definition(monkeypatch, slice_elements):
     """One slice per chunk, or slices of 5 tokens that cut through lag chunks."""
-    monkeypatch.setattr(scoring, "TEMPORARY_SLICE_ELEMENTS", slice_elements)
+    monkeypatch.setattr(base, "TEMPORARY_SLICE_ELEMENTS", slice_elements)
     g = torch.Generator().manual_seed(0)
     total = sum(CHUNK_SIZES)
     keys = [torch.randn(len(PADDING), HEADS, total, HEAD_DIM, generator=g) for _ in range(LAYERS)]
@@ -104,11 +106,11 @@ def test_key_norm_reads_the_new_tokens_by_slot():
     torch.testing.assert_close(scorer.finish_chunk(), expected)
 
 
-@pytest.mark.parametrize("slice_elements", [scoring.TEMPORARY_SLICE_ELEMENTS, 2 * 2 * HIDDEN + 1])
+@pytest.mark.parametrize("slice_elements", [base.TEMPORARY_SLICE_ELEMENTS, 2 * 2 * HIDDEN + 1])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_band_step_norms_match_float64_in_slices(monkeypatch, slice_elements, dtype):
     """The residual-stream step norms, one slice or several slices per chunk, in the model dtype."""
-    monkeypatch.setattr(scoring, "TEMPORARY_SLICE_ELEMENTS", slice_elements)
+    monkeypatch.setattr(base, "TEMPORARY_SLICE_ELEMENTS", slice_elements)
     g = torch.Generator().manual_seed(1)
     total = sum(CHUNK_SIZES)
     hidden = (torch.randn(2, total, HIDDEN, generator=g) * 4).to(dtype)

@@ -1,6 +1,6 @@
 """Every Triton kernel config compiles for Hopper (sm_90), checked on any machine.
 
-Triton compiles for a GPU it does not have (see :mod:`perf.static_report`):
+Triton compiles for a GPU it does not have (see :mod:`epikv_triton.ops.static_report`):
 every config of every kernel is built through the project's launchers at a
 Llama-3-8B-shaped layer, bf16, head_dim 128, so a config that cannot build —
 or needs more shared memory than an H100 block has — fails here rather than
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 
-from perf.static_report import report_in_fresh_process
+from epikv_triton.ops.static_report import report_in_fresh_process
 
 SPILL_FREE_KERNELS = ("_attention_fwd_kernel", "_combine_splits_kernel", "_column_sums_kernel")
 

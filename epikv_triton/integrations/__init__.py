@@ -1,9 +1,13 @@
-"""Hugging Face integration: the library's side of transformers.
+"""Hugging Face integration: the library's side of transformers (the only package that imports it).
 
-:mod:`.hf` holds the shared machinery (``patch``, ``unpatch``, ``new_cache``);
-:mod:`.cache` the transformers ``Cache`` over :class:`epikv_triton.cache.SlotCache`;
-:mod:`.keywords` what the installed transformers calls the cache argument;
-one small adapter per model family (:mod:`.llama`, :mod:`.qwen2`, :mod:`.qwen3`).
-The command line's model loading lives beside the CLI (:mod:`epikv_triton.loading`).
+* :mod:`.patching`: ``patch``, ``unpatch``, ``new_cache`` (the lifecycle);
+* :mod:`.forward`: the forward hooks and the ``"epikv"`` attention function;
+* :mod:`.generation`: the ``generate`` wrappers;
+* :mod:`.transformers_cache`: the transformers ``Cache`` over a slot store;
+* :mod:`.families`: the supported model families, one table;
+* :mod:`.state`: what a patch changed, on the modules;
+* :mod:`.keywords`: what the installed transformers calls the cache argument;
+* :mod:`.internals`: every private transformers call, in one place.
+
 See ``docs/architecture.md``.
 """

@@ -1,27 +1,32 @@
-"""The epikv_triton kernel set: plain tensors in and out, no transformers.
+"""The epikv_triton ops: plain tensors in and out, no transformers.
 
-Five ops, each with a Triton kernel and a PyTorch twin in :mod:`.naive`:
+Four ops have a Triton kernel and a PyTorch twin in :mod:`.naive`:
 
 * :func:`slot_attention` — fused attention of new tokens over a slot cache,
-  emitting the per-new-key delta norms ``‖k_t − k_{t−1}‖``, ``‖v_t − v_{t−1}‖``.
-* :func:`rolling_zscore` — the causal rolling z-score of many bands, combined
-  into one score per token, state updated in place.
-* :func:`select_slots` / :func:`compaction_plan` / :func:`compact_slots_`
-  (or all at once, :func:`evict_`) — budgeted partial selection, then an
-  in-place compaction of every layer's K and V plus the slot metadata that
-  moves only the kept slots above the new fill into the freed slots below it.
+  emitting the per-new-key delta norms ``‖k_t − k_{t−1}‖``, ``‖v_t − v_{t−1}‖``
+  (kernel: :mod:`.attention`).
 * :func:`attention_column_sums` — the H2O score without the attention matrix:
   pass 2 of a two-pass kernel whose pass 1 is :func:`slot_attention` with
-  ``return_lse=True``; exact column sums of the attention probabilities.
+  ``return_lse=True``; exact column sums of the attention probabilities (:mod:`.h2o`).
+* :func:`rolling_zscore` — the causal rolling z-score of many bands, combined
+  into one score per token, state updated in place (:mod:`.zscore`).
+* :func:`compact_slots_` — an in-place compaction of every layer's K and V plus
+  the slot metadata that moves only the kept slots above the new fill into the
+  freed slots below it (:mod:`.compaction`).
 
-Backend: Triton when the tensors are on a GPU or ``TRITON_INTERPRET=1``,
-otherwise the PyTorch twin. ``EPIKV_BACKEND=triton|torch`` forces one. A
-shape or dtype the kernels do not cover (``head_dim > 256``) runs the twin.
-Layouts are documented on each function in :mod:`.naive`; any strides work.
+Three are torch compositions, the same code on every backend (:mod:`.selection`):
+:func:`select_slots` (budgeted partial selection), :func:`compaction_plan`
+(where the kept slots go), and :func:`evict_`, which chains them with
+:func:`compact_slots_`. The slot vocabulary they share (:class:`AttentionResult`,
+query slots, visibility) is :mod:`.slots`.
 
-Under ``torch.compile`` the ops with a kernel are custom ops (see
-:mod:`._library`), so a compiled caller traces through every op here with no
-graph break; pass ``check_positions=False`` there (that check reads device data).
+Backend (decided in :mod:`._dispatch`): Triton when the tensors are on a GPU or
+``TRITON_INTERPRET=1``, otherwise the twin; ``EPIKV_BACKEND=triton|torch``
+forces one, and a head dim above 256 runs the twin. Any strides work.
+
+Under ``torch.compile`` the kernel-backed ops are custom ops (:mod:`._library`),
+so a compiled caller traces through every op here with no graph break; pass
+``check_positions=False`` there (that check reads device data).
 
 Inference only, on both backends: an op called with grad mode on and an input
 that requires grad returns outputs whose backward raises, never silently
@@ -31,14 +36,14 @@ gradient-free ones. Call them under ``torch.no_grad()`` or
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
-from . import _library, naive
+from . import _library, naive, selection, slots
 from ._checks import check_attention, check_column_sums, check_compact, check_plan, check_select, check_zscore
-from ._library import backend_for
-from .naive import AttentionResult
+from ._dispatch import backend_for
+from .slots import AttentionResult
 
 
 def slot_attention(
@@ -58,39 +63,69 @@ def slot_attention(
     slot_count: torch.Tensor | None = None,
     check_positions: bool = True,
 ) -> AttentionResult:
-    """Attention of ``T`` new tokens over ``S`` key slots, with delta norms.
+    """Attention of ``T`` new tokens over ``S`` key slots, with the new keys' and values' delta norms.
 
-    ``q [B, Hq, T, D]``, ``k``/``v [B, Hkv, S, D]`` (fp16, bf16 or fp32, one
-    dtype), ``pos [B, S]`` int32/int64 (``-1`` = empty or padding; slot order
-    carries no meaning). ``query_slots [B, T]`` int32/int64: the slot holding
-    new token ``t``'s own key/value, each in ``[0, S)``, any slots in any order
-    (``None``: the last ``T`` slots, in order); token ``t``'s position is
-    ``pos_q[t] = pos[query_slots[t]]``, and the real ones must strictly
-    increase. Key ``j`` is visible to query ``i`` iff ``pos[j] >= 0 and
-    pos[j] <= pos_q[i]`` (and ``pos_q[i] - pos[j] < window``).
-    ``prev_k``/``prev_v [B, Hkv, D]``: the key/value of the token before the
-    first new one (its delta is NaN without them); token ``t > 0`` is compared
-    with the key/value in token ``t - 1``'s query slot. ``num_splits`` caps how
-    many contiguous key splits run in parallel (split-K: each launched split
-    gets keys, so fewer may run); ``None`` picks it from the shape and the GPU.
-    ``slot_count [B]`` int32/int64 (device): the slots in use; slots
-    ``>= slot_count`` are empty whatever ``pos`` holds (as keys and as query
-    slots) and the kernel skips their key tiles without a host read, so a
-    static-shape step over the whole buffer costs only its fill. Their K/V
-    bytes must still be finite numbers, like every slot's: on sm_90 a ragged
-    key tile is one TMA copy and reaches the ``p @ v`` product whole, where a
-    masked key's probability 0 times a NaN is NaN (the twin does the same).
-    Zeroing V on those tiles would take wgmma's operand through registers.
-    ``check_positions`` validates positions and query slots on the host (host
-    syncs); engines that build them themselves, and compiled code, pass ``False``.
-    Returns :class:`AttentionResult` ``(out, dk, dv, lse)``; inference only (no backward).
+    One rule covers prefill, chunked prefill and decode (``T == 1``): key slot
+    ``j`` is visible to new token ``i`` iff ``pos[j] >= 0`` and
+    ``pos[j] <= pos_q[i]`` (and ``pos_q[i] - pos[j] < window``), where
+    ``pos_q[i] = pos[query_slots[i]]`` (:func:`.slots.visibility_mask`).
+    Softmax in float32; a query that sees no key gets a zero output and ``lse = -inf``.
+
+    Args:
+        q (torch.Tensor):
+            Queries ``[B, Hq, T, D]``, fp16, bf16 or fp32.
+        k (torch.Tensor):
+            Keys ``[B, Hkv, S, D]``, ``q``'s dtype, ``Hq`` a multiple of ``Hkv`` (grouped-query attention).
+        v (torch.Tensor):
+            Values ``[B, Hkv, S, D]``, ``q``'s dtype. Every slot's K/V must be finite, even an empty
+            slot's: on sm_90 a ragged key tile reaches the ``p @ v`` product whole (one TMA copy),
+            where a masked key's probability 0 times a NaN is NaN (the twin does the same).
+        pos (torch.Tensor):
+            Positions of the key slots ``[B, S]``, int32 or int64; ``-1`` = empty or padding.
+            Slot order carries no meaning.
+        query_slots (torch.Tensor, optional):
+            ``[B, T]`` int32 or int64: the slot holding new token ``t``'s own key and value, each in
+            ``[0, S)``, any slots in any order; the real positions ``pos_q`` must strictly increase.
+            Default: the last ``T`` slots, in order.
+        scale (float, optional):
+            Score scale. Default: ``D ** -0.5``.
+        window (int, optional):
+            Sliding window in positions. Default: none.
+        prev_k (torch.Tensor, optional):
+            ``[B, Hkv, D]``, any float dtype: the key of the token before the first new one. Without
+            it the first token's key delta is NaN. Token ``t > 0`` is compared with the key in token
+            ``t - 1``'s query slot.
+        prev_v (torch.Tensor, optional):
+            ``[B, Hkv, D]``: the same for the values.
+        with_deltas (bool):
+            Compute ``dk``/``dv``. Default: ``True``.
+        return_lse (bool):
+            Return ``lse`` (pass 1 of :func:`attention_column_sums`). Default: ``False``.
+        num_splits (int, optional):
+            Caps how many contiguous key splits run in parallel on the Triton path (split-K; each
+            launched split gets keys, so fewer may run). Default: picked from the shape and the GPU.
+        slot_count (torch.Tensor, optional):
+            ``[B]`` int32 or int64 on the tensors' device: the slots in use. Slots ``>= slot_count``
+            are empty whatever ``pos`` holds, as keys and as query slots, and the kernel skips their
+            key tiles without a host read, so a static-shape step over the whole buffer costs only
+            its fill. Default: every slot is in use.
+        check_positions (bool):
+            Validate positions and query slots on the host (host syncs). Engines that build them
+            themselves, and compiled code, pass ``False``. Default: ``True``.
+
+    Returns:
+        AttentionResult ``(out, dk, dv, lse)``:
+            ``out [B, Hq, T, D]`` in ``q.dtype``; ``dk``/``dv [B, Hkv, T]`` float32 delta norms
+            ``‖k_t − k_{t−1}‖₂`` / ``‖v_t − v_{t−1}‖₂`` (``None`` without ``with_deltas``);
+            ``lse [B, Hq, T]`` float32 natural-log normaliser (``None`` without ``return_lse``).
+            Inference only (no backward).
     """
     check_attention(q, k, v, pos, query_slots, window, prev_k, prev_v, num_splits, slot_count, check_positions)
-    attention = _routed(_library.slot_attention_op, _library.slot_attention, q, k, v, prev_k, prev_v)
-    out, dk, dv, lse = attention(
-        q, k, v, pos, query_slots, _optional_float(scale), window, prev_k, prev_v, with_deltas, return_lse, num_splits,
-        slot_count,
+    out, dk, dv, lse = _library.slot_attention(
+        q, k, v, pos, query_slots=query_slots, scale=_optional_float(scale), window=window, prev_k=prev_k,
+        prev_v=prev_v, with_deltas=with_deltas, return_lse=return_lse, num_splits=num_splits, slot_count=slot_count,
     )
+    # The custom op returns empty tensors for the members not asked for.
     if not with_deltas:
         dk = dv = None
     return AttentionResult(out, dk, dv, lse if return_lse else None)
@@ -108,18 +143,41 @@ def attention_column_sums(
     slot_count: torch.Tensor | None = None,
     check_positions: bool = True,
 ) -> torch.Tensor:
-    """H2O scores: attention probability per key slot, summed over queries and group heads.
+    """H2O scores: the attention probability each key slot receives, summed over queries and group heads.
 
-    ``q [B, Hq, T, D]``, ``k [B, Hkv, S, D]`` (one float dtype), ``pos [B, S]``,
-    ``query_slots [B, T]``, ``window`` and ``slot_count [B]`` exactly as passed to
-    :func:`slot_attention`, and ``lse [B, Hq, T]`` float32 from that call
-    (``return_lse=True``). Returns ``[B, Hkv, S]`` float32; see
-    :func:`.naive.attention_column_sums`. The Triton path never materialises
-    the attention matrix. ``check_positions`` as for :func:`slot_attention`.
+    Pass 2 of two: for key slot ``j``, ``Σ_{t, g} exp(scale · q[g, t] · k[j] − lse[g, t])`` over the
+    ``T`` queries and the ``G = Hq / Hkv`` query heads of its kv group, over visible pairs only.
+    The Triton path never materialises the attention matrix.
+
+    Args:
+        q (torch.Tensor):
+            Queries ``[B, Hq, T, D]``, fp16, bf16 or fp32, as passed to :func:`slot_attention`.
+        k (torch.Tensor):
+            Keys ``[B, Hkv, S, D]``, ``q``'s dtype.
+        pos (torch.Tensor):
+            ``[B, S]`` int32 or int64, as for :func:`slot_attention`.
+        lse (torch.Tensor):
+            ``[B, Hq, T]`` float32 from that call (``return_lse=True``); ``-inf`` (a query that saw
+            nothing) contributes nothing.
+        query_slots (torch.Tensor, optional):
+            ``[B, T]`` int32 or int64, as for :func:`slot_attention`.
+        scale (float, optional):
+            As for :func:`slot_attention`.
+        window (int, optional):
+            As for :func:`slot_attention`.
+        slot_count (torch.Tensor, optional):
+            ``[B]`` int32 or int64, as for :func:`slot_attention`.
+        check_positions (bool):
+            As for :func:`slot_attention`. Default: ``True``.
+
+    Returns:
+        torch.Tensor:
+            ``[B, Hkv, S]`` float32 column sums, 0 for a slot no query sees.
     """
     check_column_sums(q, k, pos, lse, query_slots, window, slot_count, check_positions)
-    column_sums = _routed(_library.attention_column_sums_op, _library.attention_column_sums, q, k, lse)
-    return column_sums(q, k, pos, lse, query_slots, _optional_float(scale), window, slot_count)
+    return _library.attention_column_sums(
+        q, k, pos, lse, query_slots=query_slots, scale=_optional_float(scale), window=window, slot_count=slot_count
+    )
 
 
 def rolling_zscore(
@@ -130,13 +188,32 @@ def rolling_zscore(
     *,
     eps: float = 1e-6,
 ) -> torch.Tensor:
-    """Rolling z-score update: ``values [B, NB, T]`` -> ``score [B, T]``; ``ring``/``count`` in place.
+    """Causal rolling z-score of many bands, combined into one score per token; the state advances in place.
 
-    See :func:`.naive.rolling_zscore` for the exact definition.
+    For each pushed value ``x``, the window being the last ``n = min(count, W)``
+    pushed values including ``x``: ``z = (x − mean) / (std + eps)`` (population
+    std), and ``z = 0`` while ``n < 2``.
+
+    Args:
+        values (torch.Tensor):
+            ``[B, NB, T]`` float32 new band values in stream order. NaN means "no value" (first
+            token of a sequence, padding): it is not pushed into the window and contributes 0.
+        ring (torch.Tensor):
+            ``[B, NB, W]`` float32, contiguous: the last ``W`` pushed values of each band; the next
+            push goes to index ``count % W``. Updated in place.
+        count (torch.Tensor):
+            ``[B, NB]`` int64, contiguous: values pushed so far. Updated in place.
+        weights (torch.Tensor):
+            ``[NB]`` float32 signed band weights.
+        eps (float):
+            Added to the std. Default: ``1e-6``.
+
+    Returns:
+        torch.Tensor:
+            ``score [B, T] = Σ_band weights[band] · z``, float32.
     """
     check_zscore(values, ring, count, weights, eps)
-    zscore = _routed(_library.rolling_zscore_op, _library.rolling_zscore, values, ring, weights)
-    return zscore(values, ring, count, weights, float(eps))
+    return _library.rolling_zscore(values, ring, count, weights, eps=float(eps))
 
 
 def select_slots(
@@ -147,38 +224,88 @@ def select_slots(
     protect_prefix: int | Sequence[int] | torch.Tensor,
     recent: int,
 ) -> torch.Tensor:
-    """Kept slots ``[B, S]`` bool, at most ``min(budget, S)`` per row; see :func:`.naive.select_slots`.
+    """Which slots each sequence keeps: at most ``budget``, the protected ones first, then the highest scores.
 
-    A partial selection (``topk`` of the slots to drop), so O(S) per sequence,
-    on the tensors' device with no host synchronisation on either backend.
-    ``protect_prefix`` as ints is checked against the budget; as a device
-    tensor ``[B]`` it is not (that would need a sync), so the caller must
-    guarantee ``max(prefix) + recent <= budget``.
+    Protected, always kept: positions below ``protect_prefix`` (sink tokens or the
+    whole prompt) and the ``recent`` highest positions of the sequence. The rest
+    of the budget goes to the highest scores; among equal scores the older token
+    (lower position) is kept, so the choice never depends on slot order. A partial
+    selection (``topk`` of the slots to drop): O(S) per sequence, on the tensors'
+    device, no host synchronisation.
+
+    Args:
+        scores (torch.Tensor):
+            ``[B, S]`` fp16, bf16 or fp32, higher = more important; NaN ranks lowest (below ``-inf``).
+        pos (torch.Tensor):
+            ``[B, S]`` int32 or int64 absolute positions; ``-1`` = empty/padding (never kept, never
+            costs budget).
+        budget (int):
+            Slots kept per sequence, at least ``max(protect_prefix) + recent``.
+        protect_prefix (int, sequence of int, or torch.Tensor):
+            One int, one per sequence, or an int32/int64 tensor ``[B]`` on the scores' device. As
+            ints it is checked against the budget; as a tensor it is not (a host sync), so the
+            caller must guarantee ``max(prefix) + recent <= budget``.
+        recent (int):
+            The newest positions always kept.
+
+    Returns:
+        torch.Tensor:
+            ``keep [B, S]`` bool with ``min(budget, S, real tokens)`` kept slots per row.
     """
     check_select(scores, pos, budget, protect_prefix, recent)
-    return naive.select_slots(scores, pos, budget, protect_prefix=protect_prefix, recent=recent)
+    return selection.select_slots(scores, pos, budget, protect_prefix=protect_prefix, recent=recent)
 
 
 def compaction_plan(keep: torch.Tensor, fill: int) -> torch.Tensor:
-    """``[B, S - fill]`` int64: where each slot at or above ``fill`` goes (``-1`` = dropped).
+    """Where each kept slot at or above ``fill`` moves: into a slot below ``fill`` that is not kept.
 
-    ``keep [B, S]`` bool holds at most ``fill`` slots per row (as from
-    :func:`select_slots` with ``fill = min(budget, S)``); see
-    :func:`.naive.compaction_plan`. A few small sync-free launches on ``[B, S]``.
+    Slot order carries no meaning, so only the kept slots at or above ``fill``
+    move, at most ``S - fill`` a row. Destinations are distinct and below
+    ``fill``, so sources and destinations never overlap. A hole that receives
+    nothing was already empty: a row keeps fewer than ``fill`` slots only when
+    it holds fewer real tokens. A few small sync-free launches on ``[B, S]``.
+
+    Args:
+        keep (torch.Tensor):
+            ``[B, S]`` bool with at most ``fill`` kept slots per row (as from :func:`select_slots`).
+        fill (int):
+            The slots kept per sequence afterwards, ``min(budget, S)``; in ``[0, S]``.
+
+    Returns:
+        torch.Tensor:
+            ``destination [B, S - fill]`` int64: entry ``[b, j]`` is the new slot of slot
+            ``fill + j``, or ``-1`` when it is dropped.
     """
     check_plan(keep, fill)
-    return naive.compaction_plan(keep, fill)
+    return selection.compaction_plan(keep, fill)
 
 
 def compact_slots_(kv: torch.Tensor, pos: torch.Tensor, scores: torch.Tensor, destination: torch.Tensor) -> None:
-    """Move slot ``S - W + j`` of every plane of ``kv [P, B, H, S, D]`` and of ``pos``/``scores`` to
-    ``destination[b, j]`` (``[B, W]`` from :func:`compaction_plan`), in place; clears ``[S - W, S)``.
+    """Move the kept slots at or above the new fill into the holes below it, in place, every plane at once.
 
-    Moves only the kept slots at or above the new fill, so an eviction costs
-    what it evicts; see :mod:`.compaction` for the kernel.
+    Afterwards every moved slot's K/V, position and score sit at its
+    destination, and slots ``>= S - W`` have ``pos = -1``, ``score = NaN``
+    (their K/V bytes are left as they were: masked out by ``pos``). Slots below
+    ``S - W`` that are not destinations are untouched. Costs the moved slots
+    only; no host synchronisation.
+
+    Args:
+        kv (torch.Tensor):
+            ``[P, B, H, S, D]`` fp16, bf16 or fp32, any strides: the planes are every layer's K and V.
+        pos (torch.Tensor):
+            ``[B, S]`` int32 or int64 slot positions. Updated in place.
+        scores (torch.Tensor):
+            ``[B, S]`` float32 slot scores. Updated in place.
+        destination (torch.Tensor):
+            ``[B, W]`` int64 from :func:`compaction_plan`: slot ``S - W + j`` moves to slot
+            ``destination[b, j]``, or is dropped (``-1``). Destinations must be distinct and below
+            ``S - W`` (not checked: a host sync); the kernel drops a slot whose destination is not.
+
+    Returns:
+        None: ``kv``, ``pos`` and ``scores`` are updated in place.
     """
     check_compact(kv, pos, scores, destination)
-    _routed(_library.compact_slots_op, _library.compact_slots_, kv, scores)(kv, pos, scores, destination)
+    _library.compact_slots_(kv, pos, scores, destination)
 
 
 def evict_(
@@ -190,26 +317,34 @@ def evict_(
     protect_prefix: int | Sequence[int] | torch.Tensor,
     recent: int,
 ) -> torch.Tensor:
-    """:func:`select_slots`, :func:`compaction_plan` and :func:`compact_slots_`: keep ``budget`` slots.
+    """Keep ``budget`` slots per sequence: :func:`select_slots`, :func:`compaction_plan`, :func:`compact_slots_`.
 
     Afterwards the kept slots of every sequence are the first ``min(budget, S)``
-    (in no particular order). Returns the ``destination`` used: ``[B, S - fill]``,
-    ``(destination >= 0).sum(1)`` slots moved per sequence.
+    (in no particular order).
+
+    Args:
+        kv (torch.Tensor):
+            ``[P, B, H, S, D]``, as for :func:`compact_slots_`. Updated in place.
+        pos (torch.Tensor):
+            ``[B, S]`` int32 or int64. Updated in place.
+        scores (torch.Tensor):
+            ``[B, S]`` float32. Updated in place.
+        budget (int):
+            As for :func:`select_slots`.
+        protect_prefix (int, sequence of int, or torch.Tensor):
+            As for :func:`select_slots`.
+        recent (int):
+            As for :func:`select_slots`.
+
+    Returns:
+        torch.Tensor:
+            The ``destination [B, S - fill]`` int64 used; ``(destination >= 0).sum(1)`` slots moved
+            per sequence.
     """
     keep = select_slots(scores, pos, budget, protect_prefix=protect_prefix, recent=recent)
     destination = compaction_plan(keep, min(budget, keep.shape[1]))
     compact_slots_(kv, pos, scores, destination)
     return destination
-
-
-def _routed(op: torch.library.CustomOpDef, implementation: Callable, *float_inputs: torch.Tensor | None) -> Callable:
-    """The registered custom op while ``torch.compile`` traces (one graph node, no break) or when
-    autograd would record the call (a node whose backward raises: the ops are inference-only, see
-    :mod:`._library`), else its implementation called directly: the dispatcher round trip costs 10 to
-    20 µs of host time a call, as much as a kernel launch, and an eager decode step makes dozens of
-    these calls."""
-    recorded = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in float_inputs)
-    return op if recorded or torch.compiler.is_compiling() else implementation
 
 
 def _optional_float(x: float | None) -> float | None:
@@ -228,4 +363,5 @@ __all__ = [
     "rolling_zscore",
     "select_slots",
     "slot_attention",
+    "slots",
 ]

@@ -7,7 +7,7 @@ from typing import Sequence
 
 import torch
 
-from .naive import slots_in_use
+from .slots import slots_in_use
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INT_DTYPES = (torch.int32, torch.int64)
@@ -157,7 +157,9 @@ def check_query_positions(pos: torch.Tensor, query_slots: torch.Tensor | None, n
         )
 
 
-def check_zscore(values: torch.Tensor, ring: torch.Tensor, count: torch.Tensor, weights: torch.Tensor, eps: float) -> None:
+def check_zscore(
+    values: torch.Tensor, ring: torch.Tensor, count: torch.Tensor, weights: torch.Tensor, eps: float
+) -> None:
     require_tensor("values", values, 3, (torch.float32,))
     require_tensor("ring", ring, 3, (torch.float32,))
     require_tensor("count", count, 2, (torch.int64,))
@@ -200,7 +202,9 @@ def check_select(
         return
     prefixes = [protect_prefix] * B if isinstance(protect_prefix, int) else list(protect_prefix)
     if len(prefixes) != B or any(not isinstance(p, int) or p < 0 for p in prefixes):
-        raise ValueError(f"protect_prefix must be a non-negative int or {B} of them (one per sequence), got {protect_prefix!r}")
+        raise ValueError(
+            f"protect_prefix must be a non-negative int or {B} of them (one per sequence), got {protect_prefix!r}"
+        )
     protected = max(prefixes, default=0) + recent
     if budget < protected:
         raise ValueError(

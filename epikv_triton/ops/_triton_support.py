@@ -93,7 +93,7 @@ def dot_precision(dtype: torch.dtype) -> str:
 # The visibility rule, for every kernel
 # --------------------------------------------------------------------------- #
 # Key j is visible to query i iff pos_k[j] >= 0, pos_k[j] <= pos_q[i] and, with
-# a window, pos_q[i] - pos_k[j] < window (the twin is naive.visibility_mask).
+# a window, pos_q[i] - pos_k[j] < window (the torch copy is slots.visibility_mask).
 # Kernels hold positions as int32 vectors: pos_q over a tile's rows and pos_k
 # over its keys, -1 for empty slots, padding and out-of-range lanes.
 

@@ -1,7 +1,7 @@
 """Fused slot attention in Triton: FlashAttention forward + per-new-key delta norms.
 
-One kernel serves prefill (``S == T``), chunked prefill and decode (``T == 1``);
-the semantics are exactly those of :func:`epikv_triton.ops.naive.slot_attention`.
+One kernel serves prefill (``S == T``), chunked prefill and decode (``T == 1``)
+under the contract of :func:`epikv_triton.ops.slot_attention`.
 
 Layouts and dtypes (any strides for the inputs; nothing big is copied):
 
@@ -66,12 +66,22 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._triton_support import INTERPRET, LN_2_JIT, LOG2_E
-from ._triton_support import autotune, autotune_bucket, dot_precision, launch_options, tile_fully_visible
-from ._triton_support import query_positions, require_int32_plane_offsets, slots_in_use_end, visible_pairs
-from ._triton_support import visible_slot_range
-from .naive import AttentionResult, resolve_query_slots
-
+from ._triton_support import (
+    INTERPRET,
+    LN_2_JIT,
+    LOG2_E,
+    autotune,
+    autotune_bucket,
+    dot_precision,
+    launch_options,
+    query_positions,
+    require_int32_plane_offsets,
+    slots_in_use_end,
+    tile_fully_visible,
+    visible_pairs,
+    visible_slot_range,
+)
+from .slots import AttentionResult, resolve_query_slots
 
 # --------------------------------------------------------------------------- #
 # Config spaces
@@ -102,7 +112,7 @@ def _config(block_m: int, block_n: int, num_warps: int, num_stages: int) -> trit
 # against 2·S·D·bytes of K/V), so big M tiles amortise each K/V tile over many
 # rows; N and the pipeline depth trade registers/shared memory against latency
 # hiding. Every config here compiles for sm_90 at D = 128 (bf16 and fp16, with
-# Triton 3.6 and 3.9) with no register spills (`python -m perf.static_report`):
+# Triton 3.6 and 3.9) with no register spills (`python -m epikv_triton.ops.static_report`):
 # 128×128 tiles and 64×64 tiles on 4 warps spill (the fp32 accumulator, the
 # score tile and Q's operand do not fit 255 registers per thread side by side)
 # and are left out.
@@ -508,7 +518,7 @@ def slot_attention(
     config: triton.Config | None = None,
     use_tma: bool | None = None,
 ) -> AttentionResult:
-    """Triton twin of :func:`epikv_triton.ops.naive.slot_attention` (inputs already validated).
+    """Launch :func:`epikv_triton.ops.slot_attention` on the kernels (inputs already validated).
 
     ``config`` launches that config instead of autotuning (tests use it to run
     every config of :data:`PREFILL_CONFIGS` / :data:`DECODE_CONFIGS`).

@@ -1,12 +1,12 @@
 """Triton kernel: hole-filling compaction of every layer's K and V plus the slot metadata.
 
-Same contract as :func:`epikv_triton.ops.naive.compact_slots_`:
+Same contract as :func:`epikv_triton.ops.compact_slots_`:
 
 * ``kv``: ``[P, B, H, S, D]`` fp16, bf16 or fp32, any strides (P planes = every
   layer's K and V; typically a view ``buf[..., :S, :]`` of a larger cache).
 * ``pos``: ``[B, S]`` int32/int64 and ``scores``: ``[B, S]`` float32, any strides.
 * ``destination``: ``[B, W]`` int64, any strides (what
-  :func:`~epikv_triton.ops.naive.compaction_plan` returns): slot ``F + j``
+  :func:`~epikv_triton.ops.compaction_plan` returns): slot ``F + j``
   (``F = S - W``, the new fill) moves to slot ``destination[b, j] < F``, or is
   dropped (``-1``).
 

@@ -8,7 +8,7 @@ recomputes the score tiles and sums them over queries, one key block at a time.
 One pass cannot do it: inside a FlashAttention loop the probabilities are only
 known relative to a running maximum that later keys may still raise.
 
-Same contract as :func:`epikv_triton.ops.naive.attention_column_sums`:
+Same contract as :func:`epikv_triton.ops.attention_column_sums`:
 
 * ``q``: ``[B, Hq, T, D]``; ``k``: ``[B, Hkv, S, D]``; one dtype among fp16,
   bf16, fp32; ``Hq = G · Hkv``; any strides.
@@ -16,7 +16,7 @@ Same contract as :func:`epikv_triton.ops.naive.attention_column_sums`:
   carries no meaning. ``query_slots``: ``[B, T]`` int32/int64, the slot of
   query ``t``'s own key (``None``: the last ``T`` slots), so query ``t`` has
   position ``pos[:, query_slots[:, t]]``. Visibility is the library's one rule
-  (:func:`~epikv_triton.ops.naive.visibility_mask`; in kernels
+  (:func:`~epikv_triton.ops.slots.visibility_mask`; in kernels
   :func:`~epikv_triton.ops._triton_support.visible_pairs`), and a tile whose
   positions prove every pair visible skips the mask.
 * ``lse``: ``[B, Hq, T]`` float32, any strides (what ``slot_attention`` returns);
@@ -57,11 +57,21 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_support import INTERPRET, LOG2_E, LOG2_E_JIT
-from ._triton_support import autotune, autotune_bucket, dot_precision, launch_options, query_positions
-from ._triton_support import require_int32_plane_offsets, slots_in_use_end, tile_fully_visible, visible_pairs
-from .naive import resolve_query_slots
-
+from ._triton_support import (
+    INTERPRET,
+    LOG2_E,
+    LOG2_E_JIT,
+    autotune,
+    autotune_bucket,
+    dot_precision,
+    launch_options,
+    query_positions,
+    require_int32_plane_offsets,
+    slots_in_use_end,
+    tile_fully_visible,
+    visible_pairs,
+)
+from .slots import resolve_query_slots
 
 # GPU tuning space. BLOCK_N is the resident key tile (like the K/V tile of a
 # FlashAttention backward), BLOCK_M the streamed query-row tile. Prefill is
@@ -232,7 +242,7 @@ def attention_column_sums(
     slot_count: torch.Tensor | None = None,
     config: triton.Config | None = None,
 ) -> torch.Tensor:
-    """Triton twin of :func:`epikv_triton.ops.naive.attention_column_sums` (inputs already validated).
+    """Launch :func:`epikv_triton.ops.attention_column_sums` on the kernel (inputs already validated).
 
     Returns ``[B, Hkv, S]`` float32. ``config`` launches that config instead of
     autotuning (tests use it to run every config of :data:`COLUMN_SUM_CONFIGS`).

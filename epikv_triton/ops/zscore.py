@@ -1,6 +1,6 @@
 """Triton kernel: causal rolling z-score of many bands, combined into one score per token.
 
-Same contract as :func:`epikv_triton.ops.naive.rolling_zscore`:
+Same contract as :func:`epikv_triton.ops.rolling_zscore`:
 
 * ``values``: ``[B, NB, T]`` float32, any strides. New band values in stream
   order; NaN = "no value" (not pushed, contributes 0).

@@ -42,7 +42,8 @@ _COMMON = dict(
 
 
 def tiny_model(family: str, num_layers: int = 3, seed: int = 0) -> torch.nn.Module:
-    """A random-weight model in eval mode: ``llama``, ``qwen2``, ``qwen2-sliding`` (window 8 from layer 1), ``qwen3``."""
+    """A random-weight model in eval mode: ``llama``, ``qwen2``, ``qwen2-sliding`` (window 8 from layer 1),
+    ``qwen3``."""
     torch.manual_seed(seed)
     if family == "llama":
         model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=num_layers, **_COMMON))

@@ -28,8 +28,8 @@ def record_steps(model: torch.nn.Module) -> list[dict]:
             dict(
                 kept=cache.kept_positions(),
                 seq_length=cache.get_seq_length(),
-                slots_used=cache.slots.fill,
-                capacity=cache.slots.kv.shape[4],
+                slots_used=stats.slots_used,
+                capacity=stats.capacity,
                 seen=[s.tokens_seen for s in stats.sequences],
                 evicted=[s.tokens_evicted for s in stats.sequences],
                 moved=[s.slots_moved for s in stats.sequences],
@@ -89,7 +89,9 @@ def masked_reference(
             in_window = torch.arange(length) > length - 1 - window
             attention_mask = {"full_attention": attention_mask, "sliding_attention": _additive(visible & in_window)}
         position = (P - pad + step - 1)[:, None]
-        out = model(input_ids=tokens[-1][:, None], attention_mask=attention_mask, position_ids=position, **cached(cache))
+        out = model(
+            input_ids=tokens[-1][:, None], attention_mask=attention_mask, position_ids=position, **cached(cache)
+        )
         tokens.append(choose(out.logits[:, -1]))
     return torch.stack(tokens, dim=1)
 

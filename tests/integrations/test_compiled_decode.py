@@ -56,6 +56,10 @@ def compiled_step(model, backend):
         ("qwen2-sliding", "h2o", 3, "aot_eager"),
         ("llama", "lag_kv", 1, "aot_eager"),
         ("llama", "random", 2, "aot_eager"),
+        ("llama", "keydiff", 1, "aot_eager"),
+        ("qwen3", "tova", 2, "aot_eager"),
+        ("qwen2-sliding", "snapkv", 1, "aot_eager"),
+        ("llama", "rkv", 3, "aot_eager"),
         ("llama", "epikv", 1, "inductor"),
     ],
 )
@@ -81,10 +85,11 @@ def test_compiled_decode_runs_on_device_counters_without_host_reads():
     prompt = prompts(1)
     with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
         _, cache = decode_stream(model, compiled_step(model, "aot_eager"), prompt, num_steps=30)
-        slots = cache.slots
-        assert slots.host_stale and slots.stream_length == prompt["input_ids"].shape[1]
+        counters = cache.store.counters
+        # The host copy still holds what the eager prompt left (read without syncing).
+        assert counters.host_stale and counters._host[1] == prompt["input_ids"].shape[1]
         assert cache.get_seq_length() == prompt["input_ids"].shape[1] + 30
-        assert not slots.host_stale and slots.fill == BUDGET
+        assert not counters.host_stale and counters.fill == BUDGET
 
 
 def test_generate_compile_config_compiles_the_decode_step():
@@ -200,11 +205,11 @@ def cache_tensors(root) -> dict[str, torch.Tensor]:
             for name, item in vars(value).items():
                 walk(item, f"{path}.{name}")
 
-    walk(root, "slots")
+    walk(root, "store")
     return found
 
 
-@pytest.mark.parametrize("method", ["epikv", "kv", "h2o", "lag_kv"])
+@pytest.mark.parametrize("method", ["epikv", "kv", "h2o", "lag_kv", "rkv"])
 def test_state_a_compiled_step_updates_in_place_is_marked_static(method):
     """CUDA-graph capture (``mode="reduce-overhead"``) skips a graph that mutates an input it does not
     know to be static: every cache tensor a compiled step updates in place must carry the mark."""
@@ -217,10 +222,10 @@ def test_state_a_compiled_step_updates_in_place_is_marked_static(method):
         model(**prompt, use_cache=True, **cached(cache))
         for _ in range(BUDGET):  # to the budget, so the measured step evicts
             step(input_ids=token, use_cache=True, **cached(cache))
-        before = {path: (tensor, tensor._version) for path, tensor in cache_tensors(cache.slots).items()}
+        before = {path: (tensor, tensor._version) for path, tensor in cache_tensors(cache.store).items()}
         step(input_ids=token, use_cache=True, **cached(cache))
     updated = [path for path, (tensor, version) in before.items() if tensor._version != version]
-    assert {"slots.kv", "slots.pos", "slots.scores", "slots.counters"} <= set(updated)
+    assert {"store.buffers.kv", "store.buffers.pos", "store.buffers.scores", "store.counters._device"} <= set(updated)
     unmarked = [path for path in updated if not hasattr(before[path][0], "_dynamo_static_input_type")]
     assert not unmarked, f"updated in place but not marked static: {unmarked}"
 

@@ -42,7 +42,7 @@ def test_explicit_bands_are_validated_against_depth():
 @pytest.mark.parametrize(
     "settings, match",
     [
-        (dict(method="snapkv"), "method must be one of epikv, epikv_flat"),
+        (dict(method="pyramidkv"), "method must be one of epikv, epikv_flat"),
         (dict(budget=0), "budget must be a positive int"),
         (dict(evict_every=0), "evict_every must be a positive int"),
         (dict(window=1.5), "window must be a positive int"),
@@ -53,7 +53,10 @@ def test_explicit_bands_are_validated_against_depth():
         (dict(weights=(float("nan"), 1.0)), "weights must be two finite numbers"),
         (dict(weights=(True, 1.0)), "weights must be two finite numbers"),
         (dict(bands=([1, "2"], [3])), "non-negative layer indices"),
-        (dict(budget=10, sink=4, recent=7, keep_prompt=False), r"smaller than the protected tokens \(sink 4 \+ recent 7 = 11\)"),
+        (
+            dict(budget=10, sink=4, recent=7, keep_prompt=False),
+            r"smaller than the protected tokens \(sink 4 \+ recent 7 = 11\)",
+        ),
         (dict(budget=10, recent=11), r"smaller than the recent window \(11\)"),
     ],
 )

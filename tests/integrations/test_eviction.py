@@ -6,6 +6,8 @@ import pytest
 import torch
 
 import epikv_triton
+from epikv_triton.scoring import evicting_methods
+from tests.methods import settings
 
 from .models import cached, greedy, patched_copy, prompts, stories_model, tiny_model
 from .reference import masked_reference, record_steps, sampling_choice
@@ -82,7 +84,7 @@ def test_one_declared_prompt_length_covers_the_batch():
     model = patched_copy(tiny_model("llama"), budget=BUDGET, recent=8)
     cache = epikv_triton.new_cache(model, prompt_length=10)
     model(**prompts(2), **cached(cache), use_cache=True)
-    assert cache.slots.prompt_lengths == [10, 10]
+    assert cache.store.policy.prompt_lengths == [10, 10]
     with pytest.raises(ValueError, match="3 prompt lengths were declared for a batch of 2"):
         model(**prompts(2), **cached(epikv_triton.new_cache(model, prompt_length=[4, 5, 6])), use_cache=True)
 
@@ -116,15 +118,14 @@ def test_real_model_with_eviction_matches_masking_reference():
 
 
 FAMILIES = ["llama", "qwen2", "qwen2-sliding", "qwen3"]
-EVICTING_METHODS = ["epikv", "epikv_flat", "kv", "lag_kv", "streaming", "random", "knorm", "h2o"]
 MATRIX_TOKENS = 90
 
 
 def matrix_cases():
-    """Every evicting method on every family, batch 1 and 2 (left-padded), evict_every 1 and 16;
+    """Every registered evicting method on every family, batch 1 and 2 (left-padded), evict_every 1 and 16;
     keep_prompt=False (sink only) rotates with the method."""
     for family in FAMILIES:
-        for i, method in enumerate(EVICTING_METHODS):
+        for i, method in enumerate(evicting_methods()):
             keep_prompt = i % 4 != 3
             for batch in (1, 2):
                 for every in (1, 16):
@@ -134,15 +135,26 @@ def matrix_cases():
 
 @pytest.mark.parametrize("family, method, batch, every, keep_prompt", list(matrix_cases()))
 def test_every_method_equals_masking_reference(family, method, batch, every, keep_prompt):
+    check_equals_masking_reference(family, method, batch, every, keep_prompt)
+
+
+def check_equals_masking_reference(family: str, method: str, batch: int, every: int, keep_prompt: bool) -> list[dict]:
+    """The generic eviction check of one method (under its test settings): enough evictions happen, the budget
+    holds, the newest token stays, and the tokens equal the masking reference's. Returns the recorded steps."""
     model = tiny_model(family)
     inputs = prompts(batch)
-    patched = patched_copy(model, budget=BUDGET, method=method, evict_every=every, keep_prompt=keep_prompt, lag_chunk=16)
+    patched = patched_copy(model, budget=BUDGET, evict_every=every, keep_prompt=keep_prompt, **settings(method))
     steps = record_steps(patched)
     generated = greedy(patched, inputs, MATRIX_TOKENS)[:, inputs["input_ids"].shape[1] :]
     assert steps[-1]["evictions"] >= (MATRIX_TOKENS + 12 - BUDGET) // every - 1, "too few evictions to prove anything"
+    real_prompt = inputs["attention_mask"].sum(dim=1).tolist()
+    for i, step in enumerate(steps):
+        assert all(len(kept) < BUDGET + every for kept in step["kept"]), "the budget was overrun"
+        assert [kept[-1] for kept in step["kept"]] == [n + i - 1 for n in real_prompt], "the newest token was evicted"
     model.set_attn_implementation("eager")
     reference = masked_reference(model, inputs, [s["kept"] for s in steps], MATRIX_TOKENS)
     assert torch.equal(generated, reference)
+    return steps
 
 
 @pytest.mark.parametrize("batch", [1, 2])

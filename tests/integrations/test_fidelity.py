@@ -82,7 +82,10 @@ def rolling_z(values: list[float | None], window: int) -> list[float]:
 def epikv_scores(tap: Tap, b: int, pad: int, bands, weights) -> list[float]:
     band_values = []
     for band in bands:
-        diffs = [torch.linalg.vector_norm(torch.diff(tap.stream(tap.hidden, layer, b, pad), dim=0), dim=-1) for layer in band]
+        diffs = [
+            torch.linalg.vector_norm(torch.diff(tap.stream(tap.hidden, layer, b, pad), dim=0), dim=-1)
+            for layer in band
+        ]
         mean = torch.stack(diffs).mean(dim=0).tolist()
         band_values.append(rolling_z([None] + mean, WINDOW))  # the first token has no previous one
     return [weights[0] * za - weights[1] * zb for za, zb in zip(*band_values)]

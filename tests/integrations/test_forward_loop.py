@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import epikv_triton
-import epikv_triton.cache
+import epikv_triton.store.buffers
 
 from .models import cached, greedy, patched_copy, prompts, tiny_model
 
@@ -71,7 +71,7 @@ class KVAllocations:
                 self._allocated(out)
             return out
 
-        monkeypatch.setattr(epikv_triton.cache.torch, "zeros", tracking_zeros)
+        monkeypatch.setattr(epikv_triton.store.buffers.torch, "zeros", tracking_zeros)
 
     def _allocated(self, kv: torch.Tensor) -> None:
         self.count += 1

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 
 import pytest
 import torch
 from transformers import GenerationConfig
 
 import epikv_triton
-from epikv_triton.config import METHODS
+from epikv_triton.scoring import method_names
+from tests.methods import settings
 
 from .models import greedy, patched_copy, prompts, stories_model, tiny_model
 
@@ -20,11 +22,17 @@ NEW_TOKENS = 20
 @pytest.mark.parametrize("batch", [1, 2], ids=["batch1", "batch2-left-padded"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_large_budget_matches_unpatched_for_every_method(family, batch):
+    check_large_budget_matches_unpatched(family, batch, method_names())
+
+
+def check_large_budget_matches_unpatched(family: str, batch: int, methods: Sequence[str]) -> None:
+    """The generic no-eviction check: with a budget that holds every token, each method (under its test settings)
+    generates exactly what the unpatched model does."""
     model = tiny_model(family)
     inputs = prompts(batch)
     expected = greedy(model, inputs, NEW_TOKENS)
-    for method in METHODS:
-        patched = patched_copy(model, budget=64, method=method)
+    for method in methods:
+        patched = patched_copy(model, budget=64, **settings(method))
         assert torch.equal(greedy(patched, inputs, NEW_TOKENS), expected), method
 
 

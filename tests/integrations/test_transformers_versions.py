@@ -62,20 +62,24 @@ def test_legacy_keyword_gives_the_same_tokens():
 
 def test_generate_output_carries_our_cache_under_the_installed_name():
     model = patched_copy(tiny_model("qwen2"), budget=16, recent=4)
-    output = model.generate(**prompts(1), max_new_tokens=8, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
-    assert isinstance(getattr(output, CACHE), epikv_triton.integrations.cache.EpiKVCache)
+    output = model.generate(
+        **prompts(1), max_new_tokens=8, do_sample=False, pad_token_id=0, return_dict_in_generate=True
+    )
+    assert isinstance(getattr(output, CACHE), epikv_triton.integrations.transformers_cache.EpiKVCache)
 
 
 def test_cache_surface_reports_tokens_seen_and_refuses_rollback():
     """What transformers reads off a cache, on every supported version, once eviction has happened:
     lengths are tokens seen (RoPE and the query offset), mask sizes are physical slots, nothing can be cropped."""
     model = patched_copy(tiny_model("llama"), budget=16, recent=4)
-    output = model.generate(**prompts(1), max_new_tokens=30, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    output = model.generate(
+        **prompts(1), max_new_tokens=30, do_sample=False, pad_token_id=0, return_dict_in_generate=True
+    )
     cache = getattr(output, CACHE)
     seen = 12 + 29
     assert cache.stats().sequences[0].tokens_evicted > 0
     assert cache.get_seq_length() == seen
     assert cache.get_query_offset() == seen  # the mask's query offset: must not become the compacted length
-    assert cache.get_mask_sizes(1, 0) == (cache.slots.fill + 1, 0)
+    assert cache.get_mask_sizes(1, 0) == (cache.stats().slots_used + 1, 0)
     assert not cache.is_croppable
     assert not any(layer.is_compileable for layer in cache.layers)

@@ -15,10 +15,20 @@ import triton
 
 from epikv_triton.ops import attention, naive
 from epikv_triton.ops.attention import DECODE_CONFIGS, PREFILL_CONFIGS
-from perf.static_report import StandInDriver
+from epikv_triton.ops.slots import last_slots, slots_in_use, visibility_mask
+from epikv_triton.ops.static_report import StandInDriver
 from tests.helpers import (
-    ANY_SLOT_CASES, assert_close_rms, buffer_in_use, cache_positions, chunk_positions, config_id, device,
-    poisoning_runner, prefill_positions, randn, shuffle_slots,
+    ANY_SLOT_CASES,
+    assert_close_rms,
+    buffer_in_use,
+    cache_positions,
+    chunk_positions,
+    config_id,
+    device,
+    poisoning_runner,
+    prefill_positions,
+    randn,
+    shuffle_slots,
 )
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -88,8 +98,8 @@ def check_against_twin(run, q, k, v, pos, **kwargs):
 def assert_blind_queries_are_zero(result, pos, query_slots=None):
     """Queries that see no key (padding) must give exactly 0 and, when asked, lse = -inf."""
     B, _, T, _ = result.out.shape
-    slots = naive.last_slots(B, T, pos.shape[1], pos.device) if query_slots is None else query_slots
-    blind = naive.visibility_mask(pos, slots, None).sum(-1) == 0  # [B, T]
+    slots = last_slots(B, T, pos.shape[1], pos.device) if query_slots is None else query_slots
+    blind = visibility_mask(pos, slots, None).sum(-1) == 0  # [B, T]
     assert bool(blind.any()), "test setup: expected some blind queries"
     out = result.out.float().permute(0, 2, 1, 3)  # [B, T, Hq, D]
     assert bool((out[blind] == 0).all())
@@ -451,7 +461,7 @@ def test_slot_count_bounds_the_slots_in_use(poisoned_allocations, T, num_splits)
     result, twin = check_against_twin(
         poisoned_allocations, q, k, v, pos, slot_count=slot_count, num_splits=num_splits, **kwargs
     )
-    cleared = naive.slot_attention(q, k, v, naive.slots_in_use(pos, slot_count), **kwargs)
+    cleared = naive.slot_attention(q, k, v, slots_in_use(pos, slot_count), **kwargs)
     for got, want in zip(twin, cleared):
         assert torch.equal(got, want)
     assert bool((pos[1, 70:] >= 0).all()), "test setup: the slots past the count must look real"
@@ -483,7 +493,7 @@ def test_negative_query_slot_is_blind_and_reads_nothing_outside(poisoned_allocat
     wide = torch.full((B, S + 1), 1000, dtype=torch.int64, device=device())
     pos = wide[:, 1:]
     pos.copy_(cache_positions(B, C, T, seen=40, holes=3))
-    query_slots = naive.last_slots(B, T, S, device()).clone()
+    query_slots = last_slots(B, T, S, device()).clone()
     query_slots[1, 0] = -1
     prev = vectors(B, Hkv, D, torch.float32)
     kwargs = dict(prev_k=prev, prev_v=prev, return_lse=True)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from epikv_triton import ops
-from epikv_triton.ops import naive
+from epikv_triton.ops import naive, selection
 from epikv_triton.ops.compaction import COMPACTION_CONFIGS, compact_slots_, pick_config
 from tests.helpers import device
 
@@ -39,8 +39,8 @@ def reference_select(scores, pos, budget, protect_prefix, recent):
         seen = max(positions) + 1
         real = [j for j in range(S) if positions[j] >= 0]
 
-        def rank(j):
-            protected = positions[j] < prefixes[b] or positions[j] >= seen - recent
+        def rank(j, positions=positions, values=values, prefix=prefixes[b], seen=seen):
+            protected = positions[j] < prefix or positions[j] >= seen - recent
             is_nan = math.isnan(values[j])
             return (not protected, is_nan, 0.0 if is_nan else -values[j], positions[j])
 
@@ -50,7 +50,8 @@ def reference_select(scores, pos, budget, protect_prefix, recent):
 
 
 def selection_inputs(
-    B, S, generator, *, ties=False, signed_zeros=False, nan_fraction=0.0, infinite=False, left_padding=(), gaps=False, shuffled=False
+    B, S, generator, *, ties=False, signed_zeros=False, nan_fraction=0.0, infinite=False, left_padding=(), gaps=False,
+    shuffled=False
 ):
     """scores with optional ties/NaN/±inf (NaN still ranks below -inf); positions 0.. per sequence after its
     left padding, optionally with gaps (positions of tokens evicted earlier) and shuffled across the slots
@@ -145,7 +146,10 @@ def random_keep(B, S, fill, generator, real=None):
     return torch.stack(rows).to(device())
 
 
-@pytest.mark.parametrize("B, S, fill, real", [(3, 40, 30, None), (2, 17, 16, None), (3, 30, 12, (30, 5, 0)), (2, 9, 9, None), (2, 9, 0, None)])
+@pytest.mark.parametrize(
+    "B, S, fill, real",
+    [(3, 40, 30, None), (2, 17, 16, None), (3, 30, 12, (30, 5, 0)), (2, 9, 9, None), (2, 9, 0, None)],
+)
 def test_plan_matches_reference_and_moves_at_most_what_it_releases(B, S, fill, real):
     keep = random_keep(B, S, fill, torch.Generator().manual_seed(S + fill), real)
     destination = ops.compaction_plan(keep, fill)
@@ -226,7 +230,7 @@ def slot_metadata(B, S, generator, pos_dtype=torch.int64, strided=False):
 
 def random_destination(B, S, fill, generator, real=None):
     """The plan of a random keep mask: a realistic, sync-free-built destination [B, S - fill]."""
-    return naive.compaction_plan(random_keep(B, S, fill, generator, real), fill)
+    return selection.compaction_plan(random_keep(B, S, fill, generator, real), fill)
 
 
 def clone_keep_strides(x):
@@ -303,7 +307,9 @@ def test_compaction_of_several_blocks_of_released_slots(plan):
         assert torch.equal(kernel_buffer, buffer), "a plan without moves must leave kv unchanged"
 
 
-@pytest.mark.parametrize("config", COMPACTION_CONFIGS, ids=lambda c: f"S{c.kwargs['BLOCK_S']}-D{c.kwargs['BLOCK_D']}-w{c.num_warps}")
+@pytest.mark.parametrize(
+    "config", COMPACTION_CONFIGS, ids=lambda c: f"S{c.kwargs['BLOCK_S']}-D{c.kwargs['BLOCK_D']}-w{c.num_warps}"
+)
 def test_every_gpu_config(config):
     g = torch.Generator().manual_seed(12)
     P, B, H, S, fill, D = 2, 2, 1, 37, 20, 8
@@ -380,8 +386,8 @@ def test_evict_end_to_end():
     assert ops.backend_for(buffer) == "triton"
 
     twin_buffer, twin_pos, twin_scores = buffer.clone(), pos.clone(), scores.clone()
-    twin_keep = naive.select_slots(twin_scores, twin_pos, budget, protect_prefix=prefix, recent=recent)
-    twin_destination = naive.compaction_plan(twin_keep, budget)
+    twin_keep = selection.select_slots(twin_scores, twin_pos, budget, protect_prefix=prefix, recent=recent)
+    twin_destination = selection.compaction_plan(twin_keep, budget)
     naive.compact_slots_(kv_of(twin_buffer), twin_pos, twin_scores, twin_destination)
 
     original_pos = pos.clone()

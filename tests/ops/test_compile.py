@@ -62,13 +62,13 @@ def opcheck_cases(dev):
     slot_count = torch.tensor([pos.shape[1], pos.shape[1] - 1], dtype=torch.int32, device=dev)
     return {
         "attention with every option": (
-            _library.slot_attention_op,
+            _library.slot_attention.custom_op,
             (q, k, v, pos, query_slots, 0.3, 4, prev_k, prev_v, True, True, 2, slot_count)),
         "attention with none": (
-            _library.slot_attention_op, (q, k, v, pos, None, None, None, None, None, False, False, None, None)),
-        "column sums": (_library.attention_column_sums_op, (q, k, pos, lse, query_slots, None, 4, slot_count)),
-        "rolling z-score": (_library.rolling_zscore_op, (*zscore_inputs(generator, dev), 1e-6)),
-        "compaction": (_library.compact_slots_op, eviction_inputs(generator, dev)),
+            _library.slot_attention.custom_op, (q, k, v, pos, None, None, None, None, None, False, False, None, None)),
+        "column sums": (_library.attention_column_sums.custom_op, (q, k, pos, lse, query_slots, None, 4, slot_count)),
+        "rolling z-score": (_library.rolling_zscore.custom_op, (*zscore_inputs(generator, dev), 1e-6)),
+        "compaction": (_library.compact_slots_.custom_op, eviction_inputs(generator, dev)),
     }
 
 

@@ -17,11 +17,19 @@ import torch
 from epikv_triton import ops
 from epikv_triton.ops import h2o, naive
 from epikv_triton.ops.h2o import COLUMN_SUM_CONFIGS
+from epikv_triton.ops.slots import last_slots, resolve_query_slots, slots_in_use, visibility_mask
 from tests.helpers import (
-    ANY_SLOT_CASES, buffer_in_use, cache_positions, chunk_positions, config_id, device, poisoning_runner,
-    prefill_positions, randn, shuffle_slots,
+    ANY_SLOT_CASES,
+    buffer_in_use,
+    cache_positions,
+    chunk_positions,
+    config_id,
+    device,
+    poisoning_runner,
+    prefill_positions,
+    randn,
+    shuffle_slots,
 )
-
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -83,7 +91,7 @@ def check_against_twin(run, q, k, pos, lse=None, **kwargs):
     assert got.shape == (B, Hkv, S) and got.dtype == torch.float32 and got.is_contiguous()
     assert_close_sums(got, want, q.dtype, "column sums vs twin")
 
-    visible = naive.visibility_mask(pos, naive.resolve_query_slots(query_slots, q, k), window)  # [B, T, S]
+    visible = visibility_mask(pos, resolve_query_slots(query_slots, q, k), window)  # [B, T, S]
     seeing_rows = torch.isfinite(lse).reshape(B, Hkv, Hq // Hkv, T).sum(dim=(2, 3)).float()
     torch.testing.assert_close(got.sum(-1), seeing_rows, rtol=1e-4, atol=1e-4)
     unseen = ~visible.any(dim=1)  # [B, S]
@@ -111,7 +119,7 @@ def test_twin_matches_a_per_pair_loop(empty_slots):
         pos, k, slot_of = shuffle_slots(pos, k, empty_slots=empty_slots)
         query_slots = slot_of[:, -T:]
         S = pos.shape[1]
-    slots = naive.resolve_query_slots(query_slots, q, k).tolist()
+    slots = resolve_query_slots(query_slots, q, k).tolist()
     scale = 0.37
     for window in (None, 4):
         lse = pass_one_lse(q, k, pos, scale=scale, window=window, query_slots=query_slots)
@@ -203,7 +211,7 @@ def test_slot_count_bounds_the_slots_in_use(poisoned_run, T):
     q, k = qk(B, Hq, Hkv, T, S, D, torch.float32)
     pos, query_slots, slot_count = buffer_in_use([T, 70, 150, S], S, T, seen=400)
     slot_count[0] = 0  # sequence 0's new tokens lie past its count: they look at nothing
-    cleared = naive.slots_in_use(pos, slot_count)
+    cleared = slots_in_use(pos, slot_count)
     lse = pass_one_lse(q, k, cleared, query_slots=query_slots)
     got = poisoned_run(q, k, pos, lse, query_slots=query_slots, slot_count=slot_count)
     want = naive.attention_column_sums(q, k, pos, lse, query_slots=query_slots, slot_count=slot_count)
@@ -237,7 +245,7 @@ def test_negative_query_slot_is_blind(poisoned_run, T):
     wide = torch.full((B, S + 1), 1000, dtype=torch.int64, device=device())
     pos = wide[:, 1:]
     pos.copy_(cache_positions(B, C, T, seen=40, holes=3))
-    query_slots = naive.last_slots(B, T, S, device()).clone()
+    query_slots = last_slots(B, T, S, device()).clone()
     query_slots[1, 0] = -1
     standin_slots = query_slots.clone()
     standin_slots[1, 0] = int((pos[1, :C] < 0).nonzero()[0, 0])

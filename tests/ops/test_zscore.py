@@ -16,8 +16,7 @@ import pytest
 import torch
 
 from epikv_triton import ops
-from epikv_triton.ops import naive
-from epikv_triton.ops import zscore
+from epikv_triton.ops import naive, zscore
 from epikv_triton.ops.zscore import ZSCORE_CONFIGS
 from tests.helpers import device, poisoning_runner
 
@@ -112,7 +111,9 @@ def test_matches_python_loop_and_naive(run_kernel, name):
     values[0, 0, 0] = float("nan")  # the first token of a sequence has no value
     weights = (torch.randn(NB, generator=g) * 1.5).to(device())
 
-    expected_score, expected_ring, expected_count = python_rolling_zscore(values.cpu(), ring.cpu(), count.cpu(), weights.cpu())
+    expected_score, expected_ring, expected_count = python_rolling_zscore(
+        values.cpu(), ring.cpu(), count.cpu(), weights.cpu()
+    )
     naive_ring, naive_count = ring.clone(), count.clone()
     naive_score = naive.rolling_zscore(values, naive_ring, naive_count, weights)
 

@@ -14,11 +14,12 @@ The kernels must not have been imported under ``TRITON_INTERPRET=1`` (the
 tests' setting on a CPU), so a process that did calls
 :func:`report_in_fresh_process`; from a shell::
 
-    python -m perf.static_report --arch 90 --dtype bf16 --head-dim 128 [--json out.json] [--strict]
+    python -m epikv_triton.ops.static_report --arch 90 --dtype bf16 --head-dim 128 [--json out.json] [--strict]
 
 prints one JSON object per compiled config (a list); ``--strict`` exits
 non-zero when any config fails to compile. Used by the ``static`` group of
-the perf suite and by ``tests/test_sm90_compile.py``.
+the perf suite and by ``tests/test_sm90_compile.py``. A developer tool: the
+ops never import it.
 """
 
 from __future__ import annotations
@@ -304,24 +305,20 @@ def compile_all(arch: int, dtype_name: str, head_dim: int, only: str | None = No
     return reports
 
 
-def report_rows(arch: int, dtype_name: str, head_dim: int) -> list[dict]:
-    """:func:`compile_all` as plain dicts (the JSON rows of the report)."""
-    return [asdict(report) for report in compile_all(arch, dtype_name, head_dim)]
-
-
-def report_in_fresh_process(arch: int, dtype_name: str, head_dim: int) -> list[dict]:
-    """:func:`report_rows` run in a new Python process with the interpreter off.
-
-    For callers (tests, the perf suite) whose own process imported the kernels
-    under ``TRITON_INTERPRET=1``.
-    """
-    from perf.measure import run_fresh_interpreter
-
-    code = (
-        "import json; from perf.static_report import report_rows; "
-        f"print(json.dumps({{'rows': report_rows({arch}, {dtype_name!r}, {head_dim})}}))"
+def report_in_fresh_process(arch: int, dtype_name: str, head_dim: int, timeout_s: float = 600.0) -> list[dict]:
+    """:func:`compile_all`'s reports as plain dicts (the command line's JSON rows), from a new Python
+    process with the interpreter off: for callers (tests, the perf suite) whose own process imported
+    the kernels under ``TRITON_INTERPRET=1``."""
+    command = [
+        sys.executable, "-m", __spec__.name, "--arch", str(arch), "--dtype", dtype_name, "--head-dim", str(head_dim)
+    ]
+    done = subprocess.run(
+        command, env={**os.environ, "TRITON_INTERPRET": "0"}, capture_output=True, text=True, timeout=timeout_s,
+        check=False,
     )
-    return run_fresh_interpreter(code, extra_env={"TRITON_INTERPRET": "0"}, timeout_s=600.0)["rows"]
+    if done.returncode != 0:
+        raise RuntimeError(f"the static report failed ({done.returncode}):\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,85 @@
+"""``epikv-triton quality``: the suite from the command line (``cli.py`` only registers it)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from .harness import Runner
+from .report import as_json, check_plotting, plot, summarize, tables
+from .suite import TASKS, run_suite
+
+DEFAULT_FRACTIONS = (0.25, 0.5)
+QUICK_FRACTIONS = (0.25,)
+
+
+def budget_fraction(text: str) -> float:
+    """``0.25`` or ``25%``: a budget as a fraction of each case's context, in (0, 1]."""
+    try:
+        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction such as 0.25 or 25%, got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"a budget fraction must be in (0, 1] (0.25 or 25%), got {text!r}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..cli import method_name, positive_int
+
+    parser.add_argument("--task", action="append", choices=list(TASKS), help="task to run (repeatable; default: all)")
+    parser.add_argument(
+        "--method", action="append", type=method_name,
+        help="method to compare (repeatable; default: every registered one); full, streaming and random always run",
+    )
+    parser.add_argument(
+        "--budget", action="append", type=budget_fraction,
+        help="KV budget as a fraction of each case's context, 0.25 or 25%% (repeatable; default 0.25 and 0.5, "
+        "with --quick 0.25)",
+    )
+    parser.add_argument("--quick", action="store_true", help="smaller cases and one budget: minutes on a CPU")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the generated cases and texts (default 0)")
+    parser.add_argument("--chunk", type=positive_int, default=32, help="tokens per forward reading a prompt or text")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="sequences per forward (default 16)")
+    parser.add_argument("--plot", metavar="PATH", help="also plot each metric against the budget (needs matplotlib)")
+    parser.add_argument("--model", default="smollm2", help="'smollm2' (default), a local model folder, or a hub id")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: float32 on CPU")
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--json", metavar="PATH", help="also write every case, score and interval as JSON")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+
+
+def run(args) -> dict:
+    from ..cli import open_session
+    from ..integrations import patching
+    from ..scoring import method_names
+
+    if args.plot:
+        check_plotting()
+    tasks = list(dict.fromkeys(args.task or TASKS))
+    methods = args.method or list(method_names())
+    fractions = args.budget or (QUICK_FRACTIONS if args.quick else DEFAULT_FRACTIONS)
+    session = open_session(args, args.model)
+    patching.check_supported(session.loaded.model)
+    runner = Runner(session.loaded.model, session.loaded.tokenizer, chunk=args.chunk, batch_size=args.batch_size)
+    start = time.perf_counter()
+    results = run_suite(runner, tasks, methods, fractions, seed=args.seed, quick=args.quick)
+    seconds = time.perf_counter() - start
+    summaries = [(result, summarize(result, seed=args.seed)) for result in results]
+    dtype = str(session.dtype).removeprefix("torch.")
+    print(f"\n{session.loaded.name} on {session.device} ({dtype}), prompts read {args.chunk} tokens at a time, "
+          f"keep_prompt=False; 95% paired bootstrap intervals over cases; {seconds:.0f} s")
+    for result, rows in summaries:
+        print("\n" + tables(result, rows))
+    if args.plot:
+        plot(summaries, args.plot, f"{session.loaded.name}: eviction quality against budget")
+        print(f"Wrote {args.plot}", file=sys.stderr)
+    return {
+        "command": "quality", "model": session.loaded.name, "device": str(session.device), "dtype": dtype,
+        "settings": {"tasks": tasks, "methods": methods, "fractions": list(fractions), "quick": args.quick,
+                     "seed": args.seed, "chunk": args.chunk, "batch_size": args.batch_size},
+        "seconds": seconds,
+        "tasks": [as_json(result, rows) for result, rows in summaries],
+    }

@@ -1,0 +1,19 @@
+"""Per-token importance scores from forward-pass signals (the methods: ``docs/method.md``).
+
+Transformers-free. ``base``: the ``Scorer`` protocol and the records a scorer
+sees; ``registry``: every method declared once; one module per family of
+scorers (``bands``, ``lag_kv``, ``baselines``, ``h2o``, ``key_similarity``,
+``observation_window``). Importing this package registers the built-in methods
+(``builtin``).
+"""
+
+from __future__ import annotations
+
+from . import builtin  # noqa: F401 - registers the built-in methods
+from .base import AttentionView, ChunkInfo, Scorer
+from .registry import Method, evicting_methods, lookup, make_scorer, method_names, readme_table, register
+
+__all__ = [
+    "AttentionView", "ChunkInfo", "Method", "Scorer", "evicting_methods", "lookup", "make_scorer", "method_names",
+    "readme_table", "register",
+]
