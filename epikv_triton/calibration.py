@@ -1,4 +1,4 @@
-"""Calibration: the ``epikv`` bands, weights and signs chosen for one model (``docs/method.md`` section 7).
+"""Calibration: the ``epikv`` bands, weights and signs chosen for one model (``docs/method.md`` section 8).
 
 :func:`choose` takes a recording of calibration text, window by window (:class:`Window`: every layer's
 residual-stream change and an importance oracle per token, from a full-cache run), and picks the two layer

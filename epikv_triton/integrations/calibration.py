@@ -1,6 +1,6 @@
 """``calibrate``: record a Hugging Face model reading calibration text, then choose its ``epikv`` bands.
 
-The recording (``docs/method.md`` section 7) is one no-grad pass per window of
+The recording (``docs/method.md`` section 8) is one no-grad pass per window of
 text with the full cache and eager attention (the implementation that hands
 back attention probabilities): forward hooks on the decoder layers give every
 layer's ``diff_l[t]``, hooks on their attention modules and value projections

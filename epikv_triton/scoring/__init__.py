@@ -11,9 +11,18 @@ from __future__ import annotations
 
 from . import builtin  # noqa: F401 - registers the built-in methods
 from .base import AttentionView, ChunkInfo, Scorer
-from .registry import Method, evicting_methods, lookup, make_scorer, method_names, readme_table, register
+from .registry import (
+    DEFAULT_METHOD,
+    Method,
+    evicting_methods,
+    lookup,
+    make_scorer,
+    method_names,
+    readme_table,
+    register,
+)
 
 __all__ = [
-    "AttentionView", "ChunkInfo", "Method", "Scorer", "evicting_methods", "lookup", "make_scorer", "method_names",
-    "readme_table", "register",
+    "DEFAULT_METHOD", "AttentionView", "ChunkInfo", "Method", "Scorer", "evicting_methods", "lookup", "make_scorer",
+    "method_names", "readme_table", "register",
 ]

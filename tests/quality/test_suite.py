@@ -90,6 +90,16 @@ def test_command_line_quick_run(model_folder, tmp_path, capsys):
     assert methods == {("full", None), ("random", 0.3), ("streaming", 0.3), ("epikv", 0.3)}
 
 
+def test_quick_defaults_to_the_default_method_at_a_quarter(model_folder, tmp_path):
+    from epikv_triton.scoring import DEFAULT_METHOD
+
+    path = tmp_path / "quality.json"
+    assert cli.main(["quality", "--model", str(model_folder), "--quick", "--task", "text", "--json", str(path)]) == 0
+    written = json.loads(path.read_text())
+    methods = {(s["method"], s["fraction"]) for s in written["tasks"][0]["scores"]}
+    assert methods == {("full", None), ("random", 0.25), ("streaming", 0.25), (DEFAULT_METHOD, 0.25)}
+
+
 @pytest.mark.parametrize(
     "arguments, message",
     [
