@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+from pathlib import Path
 
 from .harness import Runner
-from .report import as_json, check_plotting, plot, summarize, tables
+from .report import as_json, check_plotting, plot, summarize, tables, task_result
 from .suite import TASKS, run_suite
 
 #: One budget by default keeps the whole comparison of every registered method within 20 minutes of one CPU
@@ -53,16 +55,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: float32 on CPU")
     parser.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--json", metavar="PATH", help="also write every case, score and interval as JSON")
+    parser.add_argument(
+        "--from", dest="saved", metavar="PATH",
+        help="run nothing: print the tables (and --plot) of a run saved with --json",
+    )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
 
 
 def run(args) -> dict:
+    if args.plot:
+        check_plotting()
+    return replay(args) if args.saved else measure(args)
+
+
+def measure(args) -> dict:
     from ..cli import open_session
     from ..integrations import patching
     from ..scoring import DEFAULT_METHOD, method_names
 
-    if args.plot:
-        check_plotting()
     tasks = list(dict.fromkeys(args.task or TASKS))
     methods = args.method or ([DEFAULT_METHOD] if args.quick else list(method_names()))
     fractions = args.budget or DEFAULT_FRACTIONS
@@ -71,20 +81,38 @@ def run(args) -> dict:
     runner = Runner(session.loaded.model, session.loaded.tokenizer, chunk=args.chunk, batch_size=args.batch_size)
     start = time.perf_counter()
     results = run_suite(runner, tasks, methods, fractions, seed=args.seed, quick=args.quick)
-    seconds = time.perf_counter() - start
-    summaries = [(result, summarize(result, seed=args.seed)) for result in results]
-    dtype = str(session.dtype).removeprefix("torch.")
-    print(f"\n{session.loaded.name} on {session.device} ({dtype}), prompts read {args.chunk} tokens at a time, "
-          f"keep_prompt=False; 95% paired bootstrap intervals over cases; {seconds:.0f} s")
-    for result, rows in summaries:
-        print("\n" + tables(result, rows))
-    if args.plot:
-        plot(summaries, args.plot, f"{session.loaded.name}: eviction quality against budget")
-        print(f"Wrote {args.plot}", file=sys.stderr)
-    return {
-        "command": "quality", "model": session.loaded.name, "device": str(session.device), "dtype": dtype,
+    report = {
+        "command": "quality", "model": session.loaded.name, "device": str(session.device),
+        "dtype": str(session.dtype).removeprefix("torch."),
         "settings": {"tasks": tasks, "methods": methods, "fractions": list(fractions), "quick": args.quick,
                      "seed": args.seed, "chunk": args.chunk, "batch_size": args.batch_size},
-        "seconds": seconds,
-        "tasks": [as_json(result, rows) for result, rows in summaries],
+        "seconds": time.perf_counter() - start,
     }
+    summaries = [(result, summarize(result, seed=args.seed)) for result in results]
+    present(report, summaries, args.plot)
+    return {**report, "tasks": [as_json(result, rows) for result, rows in summaries]}
+
+
+def replay(args) -> dict:
+    """The tables and plot of a saved run; its intervals are recomputed with the seed it was run with."""
+    try:
+        saved = json.loads(Path(args.saved).read_text(encoding="utf-8"))
+        results = [task_result(task) for task in saved["tasks"]]
+        seed = saved["settings"]["seed"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ValueError(f"{args.saved} is not a run saved by 'epikv-triton quality --json' ({error!r})") from None
+    summaries = [(result, summarize(result, seed=seed)) for result in results]
+    present(saved, summaries, args.plot)
+    return {**saved, "tasks": [as_json(result, rows) for result, rows in summaries]}
+
+
+def present(report: dict, summaries: list, plot_path: str | None) -> None:
+    """Print the run's header and tables; plot them to ``plot_path`` when given."""
+    settings = report["settings"]
+    print(f"\n{report['model']} on {report['device']} ({report['dtype']}), prompts read {settings['chunk']} tokens "
+          f"at a time, keep_prompt=False; 95% paired bootstrap intervals over cases; {report['seconds']:.0f} s")
+    for result, rows in summaries:
+        print("\n" + tables(result, rows))
+    if plot_path:
+        plot(summaries, plot_path, f"{report['model']}: eviction quality against budget")
+        print(f"Wrote {plot_path}", file=sys.stderr)

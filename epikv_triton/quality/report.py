@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .harness import REFERENCES, Metric, Policy, TaskResult
+from .harness import REFERENCES, Metric, Policy, Scores, TaskResult
 from .statistics import Interval, bootstrap_mean, paired_difference, verdict
 
 PLOT_EXTRA = "pip install 'epikv-triton[plot]' (or: pip install matplotlib)"
@@ -102,12 +102,28 @@ def as_json(result: TaskResult, rows: list[Row]) -> dict:
     }
 
 
+def task_result(saved: dict) -> TaskResult:
+    """A :class:`TaskResult` back from its :func:`as_json` form (the summary is recomputed, not read)."""
+    return TaskResult(
+        task=saved["task"],
+        metrics=tuple(Metric(**metric) for metric in saved["metrics"]),
+        cases=saved["cases"],
+        scores=[Scores(Policy(s["method"], s["fraction"]), s["budgets"], s["values"], s["outputs"])
+                for s in saved["scores"]],
+        notes=saved["notes"],
+        seconds=saved["seconds"],
+    )
+
+
 def check_plotting() -> None:
     """Raise ``ImportError`` naming the extra to install when matplotlib is missing (before any long run)."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         raise ImportError(f"--plot needs matplotlib: {PLOT_EXTRA}") from None
+
+
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*")
 
 
 def plot(summaries: list[tuple[TaskResult, list[Row]]], path: str | Path, title: str) -> None:
@@ -131,7 +147,8 @@ def plot(summaries: list[tuple[TaskResult, list[Row]]], path: str | Path, title:
                 ((r.policy.fraction, r.value) for r in rows if r.policy.method == method and r.policy.fraction),
                 key=lambda point: point[0],
             )
-            color = f"C{index % 10}"
+            # tab20 and a marker cycle: a dozen methods stay distinguishable (tab10 repeats after ten).
+            color, marker = plt.get_cmap("tab20")(index % 20), _MARKERS[index % len(_MARKERS)]
             if not points:  # full: no budget
                 value = next(r.value for r in rows if r.policy.method == method)
                 axis.axhline(value.mean, color=color, linestyle="--", label=method)
@@ -140,12 +157,12 @@ def plot(summaries: list[tuple[TaskResult, list[Row]]], path: str | Path, title:
             x = [100 * fraction for fraction, _ in points]
             means, lows, highs = ([getattr(v, end) for _, v in points] for end in ("mean", "low", "high"))
             if len(points) > 1:
-                axis.plot(x, means, marker="o", color=color, label=method)
+                axis.plot(x, means, marker=marker, color=color, label=method)
                 axis.fill_between(x, lows, highs, color=color, alpha=0.12)
             else:  # one budget: methods side by side, each with its interval as an error bar
                 spread = [x[0] + 0.6 * (index - len(methods) / 2)]
                 errors = [[means[0] - lows[0]], [highs[0] - means[0]]]
-                axis.errorbar(spread, means, yerr=errors, fmt="o", capsize=3, color=color, label=method)
+                axis.errorbar(spread, means, yerr=errors, fmt=marker, capsize=3, color=color, label=method)
         axis.set_title(f"{result.task}: {metric.name}")
         axis.set_xticks(sorted({100 * r.policy.fraction for r in rows if r.policy.fraction}))
         axis.set_xlabel("budget (% of context)")

@@ -100,6 +100,23 @@ def test_quick_defaults_to_the_default_method_at_a_quarter(model_folder, tmp_pat
     assert methods == {("full", None), ("random", 0.25), ("streaming", 0.25), (DEFAULT_METHOD, 0.25)}
 
 
+def test_a_saved_run_replays_to_the_same_tables_and_json(model_folder, tmp_path, capsys):
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    assert cli.main(["quality", "--model", str(model_folder), "--quick", "--task", "text", "--task", "retrieval",
+                     "--method", "knorm", "--json", str(first)]) == 0
+    measured = capsys.readouterr().out
+    assert cli.main(["quality", "--from", str(first), "--json", str(second)]) == 0
+    assert capsys.readouterr().out == measured
+    assert json.loads(second.read_text()) == json.loads(first.read_text())
+
+
+def test_a_file_that_is_not_a_saved_run_is_one_line(tmp_path, capsys):
+    path = tmp_path / "other.json"
+    path.write_text('{"tasks": [{"task": "text"}]}')
+    assert cli.main(["quality", "--from", str(path)]) == 2
+    assert "is not a run saved by 'epikv-triton quality --json'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "arguments, message",
     [
