@@ -3,14 +3,16 @@
 Transformers-free. ``base``: the ``Scorer`` protocol and the records a scorer
 sees; ``registry``: every method declared once; one module per family of
 scorers (``bands``, ``lag_kv``, ``baselines``, ``h2o``, ``key_similarity``,
-``observation_window``). Importing this package registers the built-in methods
-(``builtin``).
+``observation_window``); ``ranks``: the tensor-parallel ranks a stream is
+split over, and the one exchange that makes them keep the same tokens.
+Importing this package registers the built-in methods (``builtin``).
 """
 
 from __future__ import annotations
 
 from . import builtin  # noqa: F401 - registers the built-in methods
 from .base import AttentionView, ChunkInfo, Scorer
+from .ranks import RankGroup
 from .registry import (
     DEFAULT_METHOD,
     Method,
@@ -23,6 +25,7 @@ from .registry import (
 )
 
 __all__ = [
-    "DEFAULT_METHOD", "AttentionView", "ChunkInfo", "Method", "Scorer", "evicting_methods", "lookup", "make_scorer",
+    "DEFAULT_METHOD", "AttentionView", "ChunkInfo", "Method", "RankGroup", "Scorer", "evicting_methods", "lookup",
+    "make_scorer",
     "method_names", "readme_table", "register",
 ]

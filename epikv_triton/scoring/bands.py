@@ -66,6 +66,9 @@ class BandScorer(Scorer):
         self.band_values[:, band] += signal / self.band_sizes[band]
 
     def finish_chunk(self) -> torch.Tensor:
+        if self.source == "kv":
+            # Each tensor-parallel rank averaged its own KV heads: the z-score must see the mean over all of them.
+            self.band_values = self.ranks.mean(self.band_values)
         # A token without a real predecessor has no difference: NaN = "no value" for the z-score.
         values = torch.where(self.chunk.has_predecessor[:, None], self.band_values, float("nan"))
         return ops.rolling_zscore(values, self.ring, self.count, self.weights)

@@ -10,6 +10,13 @@ arrives (``finish_chunk``); accumulated, each layer adding its share to every
 slot (``h2o``); or re-evaluated over every slot in use at each chunk
 (``rescores_slots``: a score that depends on the cache or on the newest
 queries, as KeyDiff's, TOVA's and SnapKV's do).
+
+Under tensor parallelism a scorer sees only its rank's KV heads. The store
+averages every rank's slot scores before it selects (``ranks.py``), so a score
+that is a plain mean over KV heads, or a sum of such means, needs nothing. A
+scorer that transforms a mean over heads nonlinearly before the score is fixed
+(``kv``'s rolling z-score) averages it over the ranks first, with
+``self.ranks.mean``: one exchange of O(tokens) values per chunk.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import ops
+from .ranks import SINGLE_PROCESS, RankGroup
 
 # Float32 elements per slice of a chunk-wide computation: bounds its temporaries (16 MiB each) whatever
 # the chunk length. Scorers read it as ``base.TEMPORARY_SLICE_ELEMENTS`` at call time, so tests can shrink it.
@@ -79,6 +87,8 @@ class Scorer:
     #: Whether each chunk scores every slot in use afresh: the first layer's per-slot result replaces the stored
     #: scores and the later layers' add to them, so a slot's score is this chunk's, summed over layers.
     rescores_slots = False
+    #: The tensor-parallel ranks the stream is split over; the store sets it (one process by default).
+    ranks: RankGroup = SINGLE_PROCESS
 
     def begin_chunk(self, chunk: ChunkInfo) -> None:
         self.chunk = chunk

@@ -220,7 +220,7 @@ class CompiledChunk(Chunk):
         evicted and slots moved."""
         buffers, budget = self.store.buffers, self.store.config.budget
         capacity = buffers.capacity
-        keep, real_before, destination = self.store.policy.plan(buffers.pos, buffers.scores, budget)
+        keep, real_before, destination = self.store.plan_eviction(buffers.pos, buffers.scores, budget)
         destination = torch.where(due, destination, -1)
         tail_pos, tail_scores = buffers.pos[:, budget:].clone(), buffers.scores[:, budget:].clone()
         buffers.compact(capacity, destination)
@@ -248,6 +248,12 @@ def _check_compilable(store: SlotStore, batch: int, num_tokens: int) -> None:
         raise RuntimeError(
             "the first chunk (the prompt) of an EpiKV cache must run eagerly: it sizes the buffers and fixes "
             "the protected prompt. Run the prefill with the uncompiled model, then compile the decode step"
+        )
+    if store.ranks.size > 1:
+        raise NotImplementedError(
+            "a compiled step cannot yet run an EpiKV cache split over tensor-parallel ranks: each eviction gathers "
+            "the ranks' scores with a collective the compiled step does not capture. Decode eagerly (generate "
+            "without compile_config)"
         )
     if batch != store.sequences.batch:
         raise ValueError(f"this cache holds {store.sequences.batch} sequences; the chunk has {batch}")

@@ -15,6 +15,10 @@ is a :class:`~.chunks.CompiledChunk`, any other an
 :class:`~.chunks.EagerChunk`. The ``fill`` is the number of slots in use
 between chunks; a chunk of ``T`` tokens occupies ``[fill, fill + T)``, and an
 eviction brings the fill back to ``budget``.
+
+Under tensor parallelism each rank runs its own store over its own KV heads;
+the stores agree on what to keep because every eviction selects from the
+scores averaged over the ranks (:class:`~epikv_triton.scoring.RankGroup`).
 """
 
 from __future__ import annotations
@@ -22,9 +26,10 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.distributed as dist
 
 from ..config import EpiKVConfig
-from ..scoring import make_scorer
+from ..scoring import RankGroup, make_scorer
 from .buffers import SlotBuffers
 from .chunks import Chunk, CompiledChunk, EagerChunk
 from .counters import SequenceCounters, StreamCounters
@@ -37,6 +42,9 @@ class SlotStore:
 
     ``prompt_lengths``, ``expected_length`` and ``chunk_size`` are what the caller
     knows of the stream (see :class:`~.policy.RetentionPolicy`).
+    ``tensor_parallel_group``: the process group of the tensor-parallel ranks that
+    share this stream, each with a store over its own KV heads; ``None`` for one
+    process.
     """
 
     def __init__(
@@ -46,15 +54,19 @@ class SlotStore:
         prompt_lengths: Sequence[int] | None = None,
         expected_length: int | None = None,
         chunk_size: int | None = None,
+        tensor_parallel_group: dist.ProcessGroup | None = None,
     ):
         self.config = config
         self.num_layers = num_layers
+        self.tensor_parallel_group = tensor_parallel_group
         self.policy = RetentionPolicy(config, prompt_lengths, expected_length, chunk_size)
         self.reset()
 
     def reset(self) -> None:
         """Forget everything: the next chunk starts a new stream."""
+        self.ranks = RankGroup(self.tensor_parallel_group)
         self.scorer = make_scorer(self.config, self.num_layers)
+        self.scorer.ranks = self.ranks
         self.buffers = SlotBuffers(self.num_layers)
         self.counters = StreamCounters()
         self.sequences: SequenceCounters | None = None
@@ -163,11 +175,19 @@ class SlotStore:
         used = self.counters.fill
         fill = min(self.config.budget, used)
         buffers = self.buffers
-        keep, real_before, destination = self.policy.plan(buffers.pos[:, :used], buffers.scores[:, :used], fill)
+        keep, real_before, destination = self.plan_eviction(buffers.pos[:, :used], buffers.scores[:, :used], fill)
         buffers.compact(used, destination)
         self.sequences.count_eviction(real_before - keep.sum(dim=1), (destination >= 0).sum(dim=1))
         self.counters.evicted(fill)
         self.counters.publish(self.sequences.seen.device)
+
+    def plan_eviction(
+        self, pos: torch.Tensor, scores: torch.Tensor, fill_after: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The policy's plan (:meth:`~.policy.RetentionPolicy.plan`) from ``scores`` averaged over the
+        tensor-parallel ranks: every rank selects from the same bits, so every rank keeps the same tokens. The
+        stored scores stay the rank's own (a mean is linear, so accumulating them stays correct)."""
+        return self.policy.plan(pos, self.ranks.mean(scores), fill_after)
 
     # ------------------------------------------------------------ inspection
     @property
@@ -188,7 +208,7 @@ class SlotStore:
 
     def stats(self) -> CacheStats:
         if not self.buffers.allocated:
-            return CacheStats([], 0, 0, 0, 0, 0)
+            return CacheStats([], 0, 0, 0, 0, 0, self.ranks.bytes_received)
         buffers, counters, sequences = self.buffers, self.counters, self.sequences
         fill, per_token = counters.fill, buffers.bytes_per_token
         rows = [
@@ -199,4 +219,4 @@ class SlotStore:
             )
         ]
         return CacheStats(rows, fill, counters.peak_fill, buffers.capacity, buffers.allocated_bytes,
-                          counters.eviction_passes)
+                          counters.eviction_passes, self.ranks.bytes_received)

@@ -23,7 +23,13 @@ class SequenceStats:
 
 @dataclass(frozen=True)
 class CacheStats:
-    """``sequences``: per sequence; the rest is the physical buffer shared by the batch."""
+    """``sequences``: per sequence; the rest is the physical buffer shared by the batch.
+
+    ``collective_bytes``: score bytes this rank received from the other tensor-parallel ranks (0 on one
+    process): ``(ranks − 1) · B · slots · 4`` per eviction over ``slots`` slots in use, plus, for ``kv``,
+    ``(ranks − 1) · B · 2 · T · 4`` per chunk of ``T`` tokens. An eviction moves ``slots_moved`` slots of
+    ``2 · layers · kv_heads · head_dim`` elements each (the rank's own KV heads).
+    """
 
     sequences: list[SequenceStats]
     slots_used: int
@@ -31,3 +37,4 @@ class CacheStats:
     capacity: int
     allocated_bytes: int
     eviction_passes: int
+    collective_bytes: int = 0
