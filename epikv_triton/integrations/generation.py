@@ -59,6 +59,7 @@ def generate(state: PatchState, model: nn.Module, original: Any, *args: Any, **k
             compiled_generation=generation_config.compile_config is not None and not generation_config.disable_compile,
         )
         _check_compiled_prefill(model, state, cache, generation_config)
+        _check_compiled_tensor_parallel(state, cache)
     extra[state.cache_keyword] = cache
     return original(**named, **extra)
 
@@ -144,6 +145,17 @@ def _check_compiled_prefill(model: nn.Module, state: PatchState, cache: EpiKVCac
             "generate(prefill_chunk_size=...) with a compile_config would compile the prompt's first chunk, which "
             "an EpiKV cache must read eagerly: drop prefill_chunk_size (the prompt is then read in one eager "
             "pass), or pass disable_compile=True"
+        )
+
+
+def _check_compiled_tensor_parallel(state: PatchState, cache: EpiKVCache) -> None:
+    """Every eviction of a tensor-parallel model gathers the ranks' scores, a collective the compiled decode
+    step does not capture yet: refuse before any work rather than at the first compiled step."""
+    if state.tensor_parallel_group is not None and cache.is_compileable:
+        raise NotImplementedError(
+            "generate with a compile_config on a tensor-parallel model patched by epikv_triton is not supported "
+            "yet: each eviction gathers the ranks' scores with a collective the compiled decode step does not "
+            "capture. Generate without compile_config (eager decoding), or pass disable_compile=True"
         )
 
 

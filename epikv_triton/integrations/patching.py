@@ -20,6 +20,7 @@ from ..scoring import make_scorer
 from . import forward, generation, internals
 from .families import family_of
 from .keywords import cache_keyword
+from .placement import check_one_device, tensor_parallel_group
 from .state import STATE_ATTRIBUTE, PatchState, state_of
 from .transformers_cache import EpiKVCache
 
@@ -32,6 +33,12 @@ def patch(model: nn.Module, config: EpiKVConfig | None = None, **settings: Any) 
     or its keywords as ``settings``, not both. Patching again with the same
     settings does nothing; with different ones it raises (call :func:`unpatch`
     first). Only this model instance changes.
+
+    A model tensor-parallel over ``torch.distributed`` ranks (loaded with
+    ``distributed_config=DistributedConfig(tp_plan="auto")`` under ``torchrun``)
+    is patched on every rank: each rank's cache holds its own KV heads, and the
+    ranks keep the same tokens. A model whose layers ``device_map`` placed on
+    several devices is refused.
     """
     if config is None:
         config = EpiKVConfig(**settings)
@@ -54,6 +61,8 @@ def patch(model: nn.Module, config: EpiKVConfig | None = None, **settings: Any) 
     num_layers = model.config.num_hidden_layers
     # Built before touching the model, so bands that do not fit its depth fail here, leaving it as it was.
     hidden_layers = make_scorer(config, num_layers).hidden_layers
+    check_one_device(model)
+    layers = family.decoder_layers(model)
     decoder = model.get_decoder()
     state = PatchState(
         config=config,
@@ -63,11 +72,11 @@ def patch(model: nn.Module, config: EpiKVConfig | None = None, **settings: Any) 
         original_attn_implementation=internals.attention_implementation(model),
         own_generate=vars(model).get("generate"),
         own_prepare_inputs=vars(model).get("prepare_inputs_for_generation"),
+        tensor_parallel_group=tensor_parallel_group(model, layers),
     )
     AttentionInterface.register(forward.ATTENTION_NAME, forward.epikv_attention)
     model.set_attn_implementation(forward.ATTENTION_NAME)
 
-    layers = family.decoder_layers(model)
     hooks = state.hooks
     hooks.append(decoder.register_forward_pre_hook(functools.partial(forward.begin_forward, state), with_kwargs=True))
     hooks.append(decoder.register_forward_hook(functools.partial(forward.end_forward, state), always_call=True))

@@ -32,6 +32,8 @@ class PatchState:
     # The instance's own ``generate`` / ``prepare_inputs_for_generation`` attributes before patching, if any.
     own_generate: Any
     own_prepare_inputs: Any
+    # The process group of the tensor-parallel ranks the model is sharded over, or None (see .placement).
+    tensor_parallel_group: Any = None
     hooks: list[torch.utils.hooks.RemovableHandle] = field(default_factory=list)
     attention_modules: list[nn.Module] = field(default_factory=list)
 
@@ -43,12 +45,16 @@ class PatchState:
         compiled_generation: bool = False,
     ) -> EpiKVCache:
         return EpiKVCache(
-            self.config, self.num_layers, prompt_lengths, expected_length, chunk_size, compiled_generation
+            self.config, self.num_layers, prompt_lengths, expected_length, chunk_size, compiled_generation,
+            self.tensor_parallel_group,
         )
 
     def accepts(self, cache: EpiKVCache) -> bool:
-        """``cache`` was made for a model of this depth with these settings."""
-        return cache.config == self.config and cache.num_layers == self.num_layers
+        """``cache`` was made for a model of this depth with these settings, over the same tensor-parallel ranks."""
+        return (
+            cache.config == self.config and cache.num_layers == self.num_layers
+            and cache.tensor_parallel_group is self.tensor_parallel_group
+        )
 
 
 def state_of(module: nn.Module) -> PatchState | None:

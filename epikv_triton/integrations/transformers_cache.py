@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.distributed as dist
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..config import EpiKVConfig
@@ -82,8 +83,9 @@ class EpiKVCache(Cache):
         expected_length: int | None = None,
         chunk_size: int | None = None,
         compiled_generation: bool = False,
+        tensor_parallel_group: dist.ProcessGroup | None = None,
     ):
-        self.store = SlotStore(config, num_layers, prompt_lengths, expected_length, chunk_size)
+        self.store = SlotStore(config, num_layers, prompt_lengths, expected_length, chunk_size, tensor_parallel_group)
         super().__init__(layers=[EpiKVLayer(self.store, i, compiled_generation) for i in range(num_layers)])
 
     @property
@@ -93,6 +95,11 @@ class EpiKVCache(Cache):
     @property
     def num_layers(self) -> int:
         return self.store.num_layers
+
+    @property
+    def tensor_parallel_group(self) -> dist.ProcessGroup | None:
+        """The tensor-parallel ranks whose caches keep the same tokens as this one, or ``None``."""
+        return self.store.tensor_parallel_group
 
     # ------------------------------------------------------- one forward pass
     @property
