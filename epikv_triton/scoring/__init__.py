@@ -26,6 +26,5 @@ from .registry import (
 
 __all__ = [
     "DEFAULT_METHOD", "AttentionView", "ChunkInfo", "Method", "RankGroup", "Scorer", "evicting_methods", "lookup",
-    "make_scorer",
-    "method_names", "readme_table", "register",
+    "make_scorer", "method_names", "readme_table", "register",
 ]
