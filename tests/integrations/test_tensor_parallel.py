@@ -179,9 +179,20 @@ def test_compiled_decoding_is_refused_under_tensor_parallelism(runs, family):
         assert "compile_config" in rank[family].get("compile_refusal", "")
 
 
-def test_a_model_placed_on_several_devices_is_refused():
-    model = tiny_model("llama")
+def split_by_device_map(model: torch.nn.Module) -> None:
+    """What ``from_pretrained(device_map=...)`` records for layers on two GPUs."""
     model.hf_device_map = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 1, "model.layers.2": 1}
+
+
+def split_parameters(model: torch.nn.Module) -> None:
+    """Parameters on two devices without a device map (a hand-placed or offloaded layer)."""
+    model.model.layers[2].to("meta")
+
+
+@pytest.mark.parametrize("place", [split_by_device_map, split_parameters])
+def test_a_model_placed_on_several_devices_is_refused(place):
+    model = tiny_model("llama")
+    place(model)
     with pytest.raises(NotImplementedError, match="several devices"):
         epikv_triton.patch(model, budget=BUDGET)
     assert epikv_triton.integrations.state.state_of(model) is None  # left as it was
