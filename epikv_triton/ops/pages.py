@@ -37,6 +37,18 @@ class PageTable(NamedTuple):
         return self.block_table.shape[1] * self.page_size
 
 
+class PagedEviction(NamedTuple):
+    """What :func:`epikv_triton.ops.paged_evict_` returns.
+
+    ``destination``: ``[B, S - fill]`` int64, the plan applied (as :func:`~epikv_triton.ops.compaction_plan`).
+    ``freed_pages``: ``[B, max_pages - ceil(fill / page_size)]`` (a view of ``block_table``), the entries of
+    the pages the compaction emptied: return those that name a page to the pool.
+    """
+
+    destination: torch.Tensor
+    freed_pages: torch.Tensor
+
+
 def kernel_paging(paging: PageTable | None, stand_in: torch.Tensor) -> tuple[tuple, dict]:
     """A kernel's paging arguments ``(BLOCK_TABLE, stride_tb, stride_tp, num_pages)`` and constexprs
     ``{PAGED, PAGE_SIZE}``; for a dense launch, ``stand_in`` as the (never read) table."""
@@ -87,4 +99,13 @@ def freed_pages(block_table: torch.Tensor, fill: int, page_size: int) -> torch.T
     return block_table[:, -(-fill // page_size) :]
 
 
-__all__ = ["PageTable", "dense_planes", "freed_pages", "gather_slots", "kernel_paging", "scatter_slots_", "slot_index"]
+__all__ = [
+    "PageTable",
+    "PagedEviction",
+    "dense_planes",
+    "freed_pages",
+    "gather_slots",
+    "kernel_paging",
+    "scatter_slots_",
+    "slot_index",
+]
