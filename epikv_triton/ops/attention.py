@@ -218,7 +218,9 @@ def _attention_fwd_kernel(
     # Slot s of this sequence: row b of K, V and POS (dense), or page BLOCK_TABLE[b, s // PAGE_SIZE] of
     # their pools (paged); _triton_support's "slot addressing" helpers translate.
     pos_base = sequence_base(POS, b, stride_pb, PAGED)
-    table_row = BLOCK_TABLE + b * stride_tb
+    table_row = BLOCK_TABLE  # None on a dense launch
+    if PAGED:
+        table_row = BLOCK_TABLE + b * stride_tb
     slot_row = QUERY_SLOTS + b * stride_sb
     # Slots in use: [0, slot_end). Read from device memory, so a static-shape
     # step over the whole buffer needs no host value to skip the empty tail.
@@ -305,11 +307,13 @@ def _attention_fwd_kernel(
         else:
             # K is loaded transposed ([D, N]) so the score tile is a plain q @ k_t.
             k_t = tl.load(
-                k_base + slot_offsets(page, in_page, stride_kb, stride_ks, PAGED)[None, :] + dims[:, None] * stride_kd,
+                k_base + slot_offsets(page[None, :], in_page[None, :], stride_kb, stride_ks, PAGED)
+                + dims[:, None] * stride_kd,
                 mask=key_valid[None, :] & dim_valid[:, None], other=0.0,
             )
             v = tl.load(
-                v_base + slot_offsets(page, in_page, stride_vb, stride_vs, PAGED)[:, None] + dims[None, :] * stride_vd,
+                v_base + slot_offsets(page[:, None], in_page[:, None], stride_vb, stride_vs, PAGED)
+                + dims[None, :] * stride_vd,
                 mask=key_valid[:, None] & dim_valid[None, :], other=0.0,
             )
         if UPCAST:
@@ -384,9 +388,9 @@ def _load_slot_rows(
 ):
     """``[rows, BLOCK_D]`` of one head at ``slots`` (one slot a row); zeros where not ``valid`` or in no page."""
     page, in_page, valid = locate_slots(slots, valid, table_row, stride_table, num_pages, PAGE_SIZE, PAGED)
-    offsets = slot_offsets(page, in_page, stride_page, stride_s, PAGED)
+    offsets = slot_offsets(page[:, None], in_page[:, None], stride_page, stride_s, PAGED)
     return tl.load(
-        base + offsets[:, None] + dims[None, :] * stride_d, mask=valid[:, None] & dim_valid[None, :], other=0.0
+        base + offsets + dims[None, :] * stride_d, mask=valid[:, None] & dim_valid[None, :], other=0.0
     )
 
 
@@ -663,7 +667,7 @@ def _launch(
     prev_k_strides = prev_k.stride() if has_prev_k else (0, 0, 0)
     prev_v_strides = prev_v.stride() if has_prev_v else (0, 0, 0)
 
-    (table, *table_args), paging_constants = kernel_paging(paging, pos)
+    (table, *table_args), paging_constants = kernel_paging(paging)
     args = (
         q, k, v, k_desc, v_desc, pos, query_slots, slot_count if slot_count is not None else pos,
         target_out, target_lse, dk if dk is not None else out, dv if dv is not None else out,

@@ -124,7 +124,9 @@ def _compact_slots_kernel(
     destination_row = destination_ptr + seq * stride_destination_b
     pos_row = sequence_base(pos_ptr, seq, stride_pos_b, PAGED)
     scores_row = sequence_base(scores_ptr, seq, stride_scores_b, PAGED)
-    table_row = table_ptr + seq * stride_table_b
+    table_row = table_ptr  # None on a dense launch
+    if PAGED:
+        table_row = table_ptr + seq * stride_table_b
     owns_metadata = (plane == 0) & (head == 0) & (d_block == 0)
     # Released slots whose metadata this program moves: all W for the owner, none for the rest.
     metadata_width = W * owns_metadata.to(tl.int32)
@@ -143,10 +145,10 @@ def _compact_slots_kernel(
             dest, moves, table_row, stride_table_p, num_pages, PAGE_SIZE, PAGED
         )
         tile_mask = moves[:, None] & dim_ok[None, :]
-        src_kv = slot_offsets(src_page, src_in_page, stride_kv_b, stride_kv_s, PAGED)
-        dest_kv = slot_offsets(dest_page, dest_in_page, stride_kv_b, stride_kv_s, PAGED)
-        tile = tl.load(kv_row + src_kv[:, None] + dim_offsets, mask=tile_mask)
-        tl.store(kv_row + dest_kv[:, None] + dim_offsets, tile, mask=tile_mask)
+        src_kv = slot_offsets(src_page[:, None], src_in_page[:, None], stride_kv_b, stride_kv_s, PAGED)
+        dest_kv = slot_offsets(dest_page[:, None], dest_in_page[:, None], stride_kv_b, stride_kv_s, PAGED)
+        tile = tl.load(kv_row + src_kv + dim_offsets, mask=tile_mask)
+        tl.store(kv_row + dest_kv + dim_offsets, tile, mask=tile_mask)
         # Metadata rides along in one program per sequence (a masked access moves no bytes).
         meta_moves = moves & (offset < metadata_width)
         src_pos = slot_offsets(src_page, src_in_page, stride_pos_b, stride_pos_s, PAGED)
@@ -233,7 +235,7 @@ def _launch(
     S = kv.shape[3] if paging is None else paging.slots
     if B == 0 or W == 0:
         return
-    (table, *table_args), paging_constants = kernel_paging(paging, destination)
+    (table, *table_args), paging_constants = kernel_paging(paging)
     config = config or pick_config(W, D)
     grid = (P * B * H, triton.cdiv(D, config.kwargs["BLOCK_D"]))
     _compact_slots_kernel[grid](

@@ -147,7 +147,9 @@ def _column_sums_kernel(
     # Slot s of this sequence: row b of K and POS (dense), or page BLOCK_TABLE[b, s // PAGE_SIZE] of their
     # pools (paged); _triton_support's "slot addressing" helpers translate.
     pos_base = sequence_base(POS, b, stride_pb, PAGED)
-    table_row = BLOCK_TABLE + b * stride_tb
+    table_row = BLOCK_TABLE  # None on a dense launch
+    if PAGED:
+        table_row = BLOCK_TABLE + b * stride_tb
     page, in_page, key_valid = locate_slots(keys, key_valid, table_row, stride_tp, num_pages, PAGE_SIZE, PAGED)
     # Positions are held as int32. Slots past those in use (or in no page) read -1: never visible (and past
     # S, never stored).
@@ -174,7 +176,7 @@ def _column_sums_kernel(
     # ([D, N]) so each score tile is a plain q @ k_t.
     k_t = tl.load(
         sequence_base(K, b, stride_kb, PAGED) + kv_head * stride_kh
-        + slot_offsets(page, in_page, stride_kb, stride_ks, PAGED)[None, :] + dims[:, None] * stride_kd,
+        + slot_offsets(page[None, :], in_page[None, :], stride_kb, stride_ks, PAGED) + dims[:, None] * stride_kd,
         mask=key_valid[None, :] & dim_valid[:, None], other=0.0,
     )
     if UPCAST:
@@ -317,7 +319,7 @@ def _launch(
         return out
     require_int32_plane_offsets(q=q, k=k, pos=pos, query_slots=query_slots, lse=lse)
 
-    (table, *table_args), paging_constants = kernel_paging(paging, pos)
+    (table, *table_args), paging_constants = kernel_paging(paging)
     args = (
         q, k, pos, query_slots, slot_count if slot_count is not None else pos, lse, out, table,
         *q.stride(), *k.stride(), *pos.stride(), *query_slots.stride(),

@@ -49,11 +49,13 @@ class PagedEviction(NamedTuple):
     freed_pages: torch.Tensor
 
 
-def kernel_paging(paging: PageTable | None, stand_in: torch.Tensor) -> tuple[tuple, dict]:
+def kernel_paging(paging: PageTable | None) -> tuple[tuple, dict]:
     """A kernel's paging arguments ``(BLOCK_TABLE, stride_tb, stride_tp, num_pages)`` and constexprs
-    ``{PAGED, PAGE_SIZE}``; for a dense launch, ``stand_in`` as the (never read) table."""
+    ``{PAGED, PAGE_SIZE}``. A dense launch passes ``None`` for all four, which Triton specialises away:
+    the dense kernels keep exactly their parameters (extra unused ones shift ptxas's register
+    allocation, enough to make one H2O config spill)."""
     if paging is None:
-        return (stand_in, 0, 0, 0), {"PAGED": False, "PAGE_SIZE": 1}
+        return (None, None, None, None), {"PAGED": False, "PAGE_SIZE": 1}
     table = paging.block_table
     return (table, table.stride(0), table.stride(1), paging.num_pages), {"PAGED": True, "PAGE_SIZE": paging.page_size}
 
