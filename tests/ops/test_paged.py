@@ -424,8 +424,9 @@ def paged_attention_inputs():
     k_pages, v_pages = torch.randn(6, 5, 2, 16), torch.randn(6, 5, 2, 16)
     pos_pages = torch.full((6, 5), -1)
     table = torch.tensor([[0, 2, -1], [4, 1, 3]])
-    pos_pages[0] = torch.arange(5)
-    pos_pages[4] = torch.arange(5)
+    pos_pages[0] = pos_pages[4] = torch.arange(5)
+    pos_pages[2] = pos_pages[1] = torch.arange(5, 10)
+    pos_pages[3] = torch.arange(10, 15)
     query_slots = torch.tensor([[2, 3, 4], [2, 3, 4]])
     return dict(q=q, k_pages=k_pages, v_pages=v_pages, pos_pages=pos_pages, block_table=table,
                 query_slots=query_slots)
@@ -523,3 +524,44 @@ def test_paged_custom_ops(monkeypatch, backend):
     torch.library.opcheck(
         _library.paged_compact_slots_.custom_op, (kv_pages, pos_pages.clone(), scores_pages, table, destination)
     )
+
+
+def paged_step(q, k_pages, v_pages, kv_pages, pos_pages, scores_pages, table, query_slots, prefix):
+    """One engine step on pages: attention, its H2O column sums, then an eviction to 7 slots."""
+    result = ops.paged_slot_attention(q, k_pages, v_pages, pos_pages, table, query_slots=query_slots, window=6,
+                                      return_lse=True, check_positions=False)
+    sums = ops.paged_attention_column_sums(q, k_pages, pos_pages, table, result.lse, query_slots=query_slots,
+                                           window=6, check_positions=False)
+    eviction = ops.paged_evict_(kv_pages, pos_pages, scores_pages, table, 7, protect_prefix=prefix, recent=1,
+                                check_pages=False)
+    return (*result, sums, *eviction)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_paged_ops_trace_as_one_graph_equal_to_eager(monkeypatch, backend):
+    monkeypatch.setenv("EPIKV_BACKEND", backend)
+    torch._dynamo.reset()
+    args = paged_attention_inputs()
+    q, k_pages, v_pages, pos_pages, table, query_slots = args.values()
+    kv_pages = torch.stack([k_pages, v_pages])
+    scores_pages = torch.randn(6, 5, generator=torch.Generator().manual_seed(3))
+    inputs = (q, k_pages, v_pages, kv_pages, pos_pages, scores_pages, table, query_slots, torch.tensor([1, 0]))
+    graphs = []
+
+    def capture(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    eager_inputs = [x.clone() for x in inputs]
+    expected = paged_step(*eager_inputs)
+    compiled_inputs = [x.clone() for x in inputs]
+    actual = torch.compile(paged_step, backend=capture, fullgraph=True)(*compiled_inputs)
+    torch._dynamo.reset()
+    assert bool((expected[5] >= 0).any()), "test setup: the eviction must move slots"
+    assert len(graphs) == 1
+    targets = {str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"}
+    for name in ("paged_slot_attention", "paged_attention_column_sums", "paged_compact_slots_"):
+        assert f"epikv_triton.{name}.default" in targets, f"{name} is not one node of the graph"
+    for what, mine, ref in (("outputs", actual, expected), ("mutated inputs", compiled_inputs, eager_inputs)):
+        for index, (a, e) in enumerate(zip(mine, ref)):
+            torch.testing.assert_close(a, e, rtol=0, atol=0, equal_nan=True, msg=f"{what} {index} differ")
