@@ -21,6 +21,8 @@ from epikv_triton import ops
 from epikv_triton.ops import _library, attention, compaction, h2o, naive, pages, selection
 from tests.helpers import assert_close_rms, cache_positions, device, poisoning_runner, randn
 
+from .test_compile import assert_one_graph_equal_to_eager, backend  # noqa: F401 (backend: a fixture used here)
+
 # --------------------------------------------------------------------------- #
 # A dense cache scattered into pages
 # --------------------------------------------------------------------------- #
@@ -537,31 +539,15 @@ def paged_step(q, k_pages, v_pages, kv_pages, pos_pages, scores_pages, table, qu
     return (*result, sums, *eviction)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_paged_ops_trace_as_one_graph_equal_to_eager(monkeypatch, backend):
-    monkeypatch.setenv("EPIKV_BACKEND", backend)
-    torch._dynamo.reset()
+def test_paged_ops_trace_as_one_graph_equal_to_eager(backend):
+    """Attention, column sums and an eviction on pages, compiled with no graph break, exactly eager (the
+    ``backend`` fixture of ``test_compile`` runs it on the twins and on the kernels)."""
     args = paged_attention_inputs()
     q, k_pages, v_pages, pos_pages, table, query_slots = args.values()
     kv_pages = torch.stack([k_pages, v_pages])
     scores_pages = torch.randn(6, 5, generator=torch.Generator().manual_seed(3))
     inputs = (q, k_pages, v_pages, kv_pages, pos_pages, scores_pages, table, query_slots, torch.tensor([1, 0]))
-    graphs = []
-
-    def capture(graph_module, example_inputs):
-        graphs.append(graph_module)
-        return graph_module.forward
-
-    eager_inputs = [x.clone() for x in inputs]
-    expected = paged_step(*eager_inputs)
-    compiled_inputs = [x.clone() for x in inputs]
-    actual = torch.compile(paged_step, backend=capture, fullgraph=True)(*compiled_inputs)
-    torch._dynamo.reset()
+    expected = assert_one_graph_equal_to_eager(
+        paged_step, inputs, ("paged_slot_attention", "paged_attention_column_sums", "paged_compact_slots_")
+    )
     assert bool((expected[5] >= 0).any()), "test setup: the eviction must move slots"
-    assert len(graphs) == 1
-    targets = {str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"}
-    for name in ("paged_slot_attention", "paged_attention_column_sums", "paged_compact_slots_"):
-        assert f"epikv_triton.{name}.default" in targets, f"{name} is not one node of the graph"
-    for what, mine, ref in (("outputs", actual, expected), ("mutated inputs", compiled_inputs, eager_inputs)):
-        for index, (a, e) in enumerate(zip(mine, ref)):
-            torch.testing.assert_close(a, e, rtol=0, atol=0, equal_nan=True, msg=f"{what} {index} differ")
