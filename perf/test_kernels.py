@@ -13,8 +13,8 @@ Two modes, picked by the device:
   forced so Triton's interpreter never runs here). Absolute CPU numbers mean
   little; read the ratios.
 
-Groups: prefill attention, decode attention, compaction, z-score update, and
-(GPU only) the H2O score: the fused two-pass column sums against the eager
+Groups: prefill attention, decode attention (dense and paged), compaction,
+z-score update, and (GPU only) the H2O score: the fused two-pass column sums against the eager
 attention matrix.
 """
 
@@ -202,7 +202,27 @@ if ON_GPU:
 else:
     DECODE_SHAPES = [AttentionShape(b, 8, 2, 1, s + 1, 64) for b in (1, 4) for s in (1024, 4096)]
 
-DECODE_VARIANTS = ["sdpa", "ours + delta norms"]
+DECODE_VARIANTS = ["sdpa", "ours + delta norms", "ours paged (page 16)"]
+PAGE_SIZE = 16
+
+
+def paged_copy(k, v, pos, page_size=PAGE_SIZE):
+    """The dense cache as an engine's pool of pages in shuffled order: ``(k_pages, v_pages, pos_pages,
+    block_table)``; slots past ``S`` in the last page are empty."""
+    B, Hkv, S, D = k.shape
+    pages = -(-S // page_size)
+    width = pages * page_size
+    order = torch.randperm(B * pages, device=k.device)
+    table = order.view(B, pages).to(torch.int32)
+
+    def pool(x, fill):
+        padded = torch.full((B, width, *x.shape[2:]), fill, dtype=x.dtype, device=x.device)
+        padded[:, :S] = x
+        out = torch.empty((B * pages, page_size, *x.shape[2:]), dtype=x.dtype, device=x.device)
+        out[order] = padded.view(B * pages, page_size, *x.shape[2:])
+        return out
+
+    return pool(k.transpose(1, 2), 0.0), pool(v.transpose(1, 2), 0.0), pool(pos, -1), table
 
 
 @pytest.mark.benchmark(group="decode attention")
@@ -219,9 +239,16 @@ def test_decode_attention(benchmark, record, ceilings, shape, variant):
     sdpa, sdpa_label = sdpa_runner(q, k, v, causal=False)  # T = 1 sees all: no causal mask
     if variant == "sdpa":
         fn = sdpa
-    else:
+    elif variant == "ours + delta norms":
         # What the engine runs each step (split-K chosen from the shape on a GPU).
         fn = lambda: ops.slot_attention(q, k, v, pos, check_positions=False)  # noqa: E731
+    else:
+        # The same step over a paged pool (pages in shuffled order): the cost of the block-table lookups.
+        k_pages, v_pages, pos_pages, table = paged_copy(k, v, pos)
+        query_slots = torch.full((B, 1), S - 1, device=DEV)
+        fn = lambda: ops.paged_slot_attention(  # noqa: E731
+            q, k_pages, v_pages, pos_pages, table, query_slots=query_slots, check_positions=False
+        )
 
     seconds = measure.bench(benchmark, fn, DEV)
     if variant == "sdpa":

@@ -5,7 +5,9 @@ every config of every kernel is built through the project's launchers at a
 Llama-3-8B-shaped layer, bf16, head_dim 128, so a config that cannot build —
 or needs more shared memory than an H100 block has — fails here rather than
 on a user's GPU. Attention and the H2O column sums must also be free of
-register spills, and prefill attention must run wgmma on TMA-loaded tiles.
+register spills, and prefill attention must run wgmma on TMA-loaded tiles. The
+paged variants compile from the same kernels (cases named "paged ..."): no spills
+either, and wgmma on pointer-loaded tiles for paged prefill.
 About 30 s on two CPU cores with a cold Triton cache.
 """
 
@@ -49,9 +51,19 @@ def test_attention_and_column_sums_never_spill_on_sm90(sm90_report):
 def test_prefill_attention_uses_wgmma_and_tma_on_sm90(sm90_report):
     """Prefill and chunks above the decode rows: wgmma dots on K/V tiles that TMA copies into shared
     memory; decode keeps the pointer loads (see ``attention.uses_tensor_descriptors``)."""
-    attention = [row for row in sm90_report if row["kernel"] == "_attention_fwd_kernel"]
+    attention = [row for row in sm90_report if row["kernel"] == "_attention_fwd_kernel" and "paged" not in row["case"]]
     prefill = [row for row in attention if not row["case"].startswith("decode")]
     decode = [row for row in attention if row["case"].startswith("decode")]
     assert prefill and all(row["wgmma"] for row in prefill), [describe(r) for r in prefill if not r["wgmma"]]
     assert all(row["tma"] for row in prefill), [describe(r) for r in prefill if not r["tma"]]
     assert decode and not any(row["tma"] for row in decode), [describe(r) for r in decode if r["tma"]]
+
+
+def test_paged_variants_compile_for_sm90(sm90_report):
+    """Every kernel with a paged variant has paged cases; a key tile spans pages, so paged K/V never go
+    through TMA, and paged prefill still runs wgmma."""
+    paged = [row for row in sm90_report if "paged" in row["case"]]
+    assert {row["kernel"] for row in paged} == {"_attention_fwd_kernel", "_column_sums_kernel", "_compact_slots_kernel"}
+    assert not any(row["tma"] for row in paged), [describe(r) for r in paged if r["tma"]]
+    prefill = [row for row in paged if row["kernel"] == "_attention_fwd_kernel" and "prefill" in row["case"]]
+    assert prefill and all(row["wgmma"] for row in prefill), [describe(r) for r in prefill if not r["wgmma"]]

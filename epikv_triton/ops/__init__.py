@@ -20,6 +20,12 @@ Three are torch compositions, the same code on every backend (:mod:`.selection`)
 :func:`compact_slots_`. The slot vocabulary they share (:class:`AttentionResult`,
 query slots, visibility) is :mod:`.slots`.
 
+Paged variants (:func:`paged_slot_attention`, :func:`paged_attention_column_sums`,
+:func:`paged_compact_slots_`, :func:`paged_evict_`) take a serving engine's page
+pools and block table instead of dense per-sequence buffers (:mod:`.pages`);
+they run the same kernels, whose slot addressing goes through the table, and
+their twins gather the pages and run the dense twins.
+
 Backend (decided in :mod:`._dispatch`): Triton when the tensors are on a GPU or
 ``TRITON_INTERPRET=1``, otherwise the twin; ``EPIKV_BACKEND=triton|torch``
 forces one, and a head dim above 256 runs the twin. Any strides work.
@@ -40,10 +46,21 @@ from collections.abc import Sequence
 
 import torch
 
-from . import _library, naive, selection, slots
-from ._checks import check_attention, check_column_sums, check_compact, check_plan, check_select, check_zscore
+from . import _library, naive, pages, selection, slots
+from ._checks import (
+    check_attention,
+    check_column_sums,
+    check_compact,
+    check_paged_attention,
+    check_paged_column_sums,
+    check_paged_compact,
+    check_plan,
+    check_select,
+    check_zscore,
+)
 from ._dispatch import backend_for
-from .slots import AttentionResult
+from .pages import PagedEviction
+from .slots import AttentionResult, slots_in_use
 
 
 def slot_attention(
@@ -347,6 +364,206 @@ def evict_(
     return destination
 
 
+def paged_slot_attention(
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    pos_pages: torch.Tensor,
+    block_table: torch.Tensor,
+    *,
+    query_slots: torch.Tensor,
+    scale: float | None = None,
+    window: int | None = None,
+    prev_k: torch.Tensor | None = None,
+    prev_v: torch.Tensor | None = None,
+    with_deltas: bool = True,
+    return_lse: bool = False,
+    num_splits: int | None = None,
+    slot_count: torch.Tensor | None = None,
+    check_positions: bool = True,
+) -> AttentionResult:
+    """:func:`slot_attention` over a paged cache: the same result as on the sequences' slots gathered densely.
+
+    Sequence ``b`` has ``S = max_pages · page_size`` logical slots; slot ``s`` lives in page
+    ``block_table[b, s // page_size]`` at offset ``s % page_size`` of the pools. An entry outside
+    ``[0, num_pages)`` (``-1``: no page) makes its slots empty (position -1, never read). Visibility,
+    deltas, ``slot_count`` and the outputs are exactly :func:`slot_attention`'s, in logical slots.
+
+    Args:
+        q (torch.Tensor):
+            Queries ``[B, Hq, T, D]``, fp16, bf16 or fp32.
+        k_pages (torch.Tensor):
+            One layer's key pool ``[num_pages, page_size, Hkv, D]`` (vLLM's and transformers' layout), any
+            strides, ``q``'s dtype. Read only.
+        v_pages (torch.Tensor):
+            The value pool, shaped and typed like ``k_pages``. Every slot's K/V in a named page must be finite.
+        pos_pages (torch.Tensor):
+            ``[num_pages, page_size]`` int32 or int64: each slot's absolute position, ``-1`` = empty. Shared by
+            every layer.
+        block_table (torch.Tensor):
+            ``[B, max_pages]`` int32 or int64, any strides: sequence ``b``'s pages in logical order. A page may
+            appear in several rows (shared prefixes): attention only reads.
+        query_slots (torch.Tensor):
+            ``[B, T]`` int32 or int64 logical slots of the new tokens (required: no default layout). Real
+            positions must strictly increase.
+        scale, window, prev_k, prev_v, with_deltas, return_lse, num_splits, slot_count:
+            As for :func:`slot_attention`; ``slot_count`` counts logical slots.
+        check_positions (bool):
+            Validate on the host (host syncs) the block table entries (page ids or ``-1``), query slots and
+            positions. Default: ``True``; engines and compiled code pass ``False``.
+
+    Returns:
+        AttentionResult ``(out, dk, dv, lse)``, as for :func:`slot_attention`.
+    """
+    check_paged_attention(
+        q, k_pages, v_pages, pos_pages, block_table, query_slots, window, prev_k, prev_v, num_splits, slot_count,
+        check_positions,
+    )
+    out, dk, dv, lse = _library.paged_slot_attention(
+        q, k_pages, v_pages, pos_pages, block_table, query_slots=query_slots, scale=_optional_float(scale),
+        window=window, prev_k=prev_k, prev_v=prev_v, with_deltas=with_deltas, return_lse=return_lse,
+        num_splits=num_splits, slot_count=slot_count,
+    )
+    if not with_deltas:
+        dk = dv = None
+    return AttentionResult(out, dk, dv, lse if return_lse else None)
+
+
+def paged_attention_column_sums(
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    pos_pages: torch.Tensor,
+    block_table: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    query_slots: torch.Tensor,
+    scale: float | None = None,
+    window: int | None = None,
+    slot_count: torch.Tensor | None = None,
+    check_positions: bool = True,
+) -> torch.Tensor:
+    """:func:`attention_column_sums` over a paged cache (pass 2 of :func:`paged_slot_attention`).
+
+    Args:
+        q (torch.Tensor):
+            ``[B, Hq, T, D]``, as passed to :func:`paged_slot_attention`.
+        k_pages (torch.Tensor):
+            ``[num_pages, page_size, Hkv, D]``, as for :func:`paged_slot_attention`.
+        pos_pages (torch.Tensor):
+            ``[num_pages, page_size]`` int32 or int64, as for :func:`paged_slot_attention`.
+        block_table (torch.Tensor):
+            ``[B, max_pages]`` int32 or int64, as for :func:`paged_slot_attention`.
+        lse (torch.Tensor):
+            ``[B, Hq, T]`` float32 from that call (``return_lse=True``).
+        query_slots, scale, window, slot_count, check_positions:
+            As for :func:`paged_slot_attention`.
+
+    Returns:
+        torch.Tensor:
+            ``[B, Hkv, max_pages · page_size]`` float32, one column sum per logical slot (0 for a slot no
+            query sees or in no page). To add it to the score pool, index with :func:`.pages.slot_index`.
+    """
+    check_paged_column_sums(q, k_pages, pos_pages, block_table, lse, query_slots, window, slot_count, check_positions)
+    return _library.paged_attention_column_sums(
+        q, k_pages, pos_pages, block_table, lse, query_slots=query_slots, scale=_optional_float(scale),
+        window=window, slot_count=slot_count,
+    )
+
+
+def paged_compact_slots_(
+    kv_pages: torch.Tensor,
+    pos_pages: torch.Tensor,
+    scores_pages: torch.Tensor,
+    block_table: torch.Tensor,
+    destination: torch.Tensor,
+    *,
+    check_pages: bool = True,
+) -> torch.Tensor:
+    """:func:`compact_slots_` in a paged cache: the kept slots move into the sequences' lowest pages, in place.
+
+    With ``S = max_pages · page_size`` logical slots and ``W = destination.shape[1]``, the new fill is
+    ``F = S - W``: afterwards every kept slot lies below ``F``, so the pages from block-table column
+    ``ceil(F / page_size)`` on hold nothing and are returned for the engine's pool; logical slots ``>= F``
+    in existing pages read ``pos = -1``, ``score = NaN``. One launch, no host synchronisation (with
+    ``check_pages=False``).
+
+    Args:
+        kv_pages (torch.Tensor):
+            ``[P, num_pages, page_size, H, D]`` fp16, bf16 or fp32, any strides: the ``P`` planes are every
+            layer's K and V pools, indexed by the same page ids. Updated in place.
+        pos_pages (torch.Tensor):
+            ``[num_pages, page_size]`` int32 or int64. Updated in place.
+        scores_pages (torch.Tensor):
+            ``[num_pages, page_size]`` float32. Updated in place.
+        block_table (torch.Tensor):
+            ``[B, max_pages]`` int32 or int64, any strides; no page named twice (a page is compacted for one
+            sequence). An entry outside ``[0, num_pages)`` is no page: a move from or into it is dropped.
+        destination (torch.Tensor):
+            ``[B, W]`` int64 from :func:`compaction_plan` over the ``[B, S]`` logical slots.
+        check_pages (bool):
+            Check on the host (a sync) that the entries are page ids or ``-1`` and that no page is named
+            twice. Default: ``True``; engines and compiled code pass ``False``.
+
+    Returns:
+        torch.Tensor:
+            ``freed_pages = block_table[:, ceil(F / page_size):]`` (a view): the emptied pages' entries. The
+            engine knows them from its own copy of the table too, without reading the device.
+    """
+    check_paged_compact(kv_pages, pos_pages, scores_pages, block_table, destination, check_pages)
+    _library.paged_compact_slots_(kv_pages, pos_pages, scores_pages, block_table, destination)
+    fill = block_table.shape[1] * kv_pages.shape[2] - destination.shape[1]
+    return pages.freed_pages(block_table, fill, kv_pages.shape[2])
+
+
+def paged_evict_(
+    kv_pages: torch.Tensor,
+    pos_pages: torch.Tensor,
+    scores_pages: torch.Tensor,
+    block_table: torch.Tensor,
+    budget: int,
+    *,
+    protect_prefix: int | Sequence[int] | torch.Tensor,
+    recent: int,
+    slot_count: torch.Tensor | None = None,
+    check_pages: bool = True,
+) -> PagedEviction:
+    """:func:`evict_` in a paged cache: keep ``budget`` slots per sequence in its lowest pages, free the rest.
+
+    Gathers the sequences' positions and scores (``[B, S]``, small), runs :func:`select_slots` and
+    :func:`compaction_plan` on them exactly as :func:`evict_` does, then :func:`paged_compact_slots_`.
+    Afterwards each sequence's kept slots are its first ``F = min(budget, S)`` logical slots.
+
+    Args:
+        kv_pages (torch.Tensor):
+            ``[P, num_pages, page_size, H, D]``, as for :func:`paged_compact_slots_`. Updated in place.
+        pos_pages (torch.Tensor):
+            ``[num_pages, page_size]`` int32 or int64. Updated in place.
+        scores_pages (torch.Tensor):
+            ``[num_pages, page_size]`` float32. Updated in place.
+        block_table (torch.Tensor):
+            ``[B, max_pages]``, as for :func:`paged_compact_slots_`.
+        budget, protect_prefix, recent:
+            As for :func:`select_slots`.
+        slot_count (torch.Tensor, optional):
+            ``[B]`` int32 or int64: slots at or past it are empty whatever their pages hold (never kept).
+        check_pages (bool):
+            As for :func:`paged_compact_slots_`.
+
+    Returns:
+        PagedEviction ``(destination, freed_pages)``: the plan applied and the emptied pages' entries.
+    """
+    page_size, num_pages = kv_pages.shape[2], kv_pages.shape[1]
+    index = pages.slot_index(block_table, page_size, num_pages)
+    pos = slots_in_use(pages.gather_slots(pos_pages, index, -1), slot_count)
+    keep = select_slots(
+        pages.gather_slots(scores_pages, index, float("nan")), pos, budget, protect_prefix=protect_prefix,
+        recent=recent,
+    )
+    destination = compaction_plan(keep, min(budget, keep.shape[1]))
+    freed = paged_compact_slots_(kv_pages, pos_pages, scores_pages, block_table, destination, check_pages=check_pages)
+    return PagedEviction(destination, freed)
+
+
 def _optional_float(x: float | None) -> float | None:
     """A scale as the op schema's ``float?`` wants it (a caller may pass an int)."""
     return None if x is None else float(x)
@@ -354,12 +571,18 @@ def _optional_float(x: float | None) -> float | None:
 
 __all__ = [
     "AttentionResult",
+    "PagedEviction",
     "attention_column_sums",
     "backend_for",
     "compact_slots_",
     "compaction_plan",
     "evict_",
     "naive",
+    "paged_attention_column_sums",
+    "paged_compact_slots_",
+    "paged_evict_",
+    "paged_slot_attention",
+    "pages",
     "rolling_zscore",
     "select_slots",
     "slot_attention",

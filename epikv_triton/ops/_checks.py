@@ -7,6 +7,7 @@ from typing import Sequence
 
 import torch
 
+from . import pages
 from .slots import slots_in_use
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -65,14 +66,83 @@ def check_queries_over_slots(
     if slot_count is not None:
         require_tensor("slot_count", slot_count, 1, INT_DTYPES)
     require_same_device(q=q, k=k, pos=pos, query_slots=query_slots, slot_count=slot_count, **companions)
-    if q.dtype != k.dtype:
-        raise ValueError(f"q and k must share one dtype; got {q.dtype} and {k.dtype}")
     B, Hq, T, D = q.shape
     if k.shape[0] != B or k.shape[3] != D:
         raise ValueError(
             f"k must have shape [B, Hkv, S, D] with B={B} and D={D} taken from q [B, Hq, T, D]; got {tuple(k.shape)}"
         )
     Hkv, S = k.shape[1], k.shape[2]
+    if S == 0:
+        raise ValueError("k has no slots (S = 0): every query needs at least its own key slot")
+    check_query_layout(q, k, Hkv, S, query_slots, window, slot_count)
+    require_shape("pos", pos, (B, S), "[B, S]")
+    return B, Hq, Hkv, T, S, D
+
+
+def check_paged_queries(
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    pos_pages: torch.Tensor,
+    block_table: torch.Tensor,
+    query_slots: torch.Tensor,
+    window: int | None,
+    slot_count: torch.Tensor | None,
+    **companions: torch.Tensor | None,
+) -> tuple[int, int, int, int, int, int]:
+    """:func:`check_queries_over_slots` for the paged layout; returns ``(B, Hq, Hkv, T, S, D)`` with ``S =
+    max_pages · page_size`` logical slots.
+
+    ``k_pages [num_pages, page_size, Hkv, D]`` with at least one page of one slot, ``pos_pages [num_pages,
+    page_size]`` int32/int64, ``block_table [B, max_pages]`` int32/int64 with ``max_pages >= 1``, and
+    ``query_slots`` given (there is no "last T slots" of a paged sequence). Page ids are not read here
+    (see :func:`check_block_table`).
+    """
+    require_tensor("q", q, 4, FLOAT_DTYPES)
+    require_tensor("k_pages", k_pages, 4, FLOAT_DTYPES)
+    require_tensor("pos_pages", pos_pages, 2, INT_DTYPES)
+    require_tensor("block_table", block_table, 2, INT_DTYPES)
+    if query_slots is None:
+        raise ValueError("the paged ops need query_slots: the logical slot of each new token (there is no default)")
+    require_tensor("query_slots", query_slots, 2, INT_DTYPES)
+    if slot_count is not None:
+        require_tensor("slot_count", slot_count, 1, INT_DTYPES)
+    require_same_device(
+        q=q, k_pages=k_pages, pos_pages=pos_pages, block_table=block_table, query_slots=query_slots,
+        slot_count=slot_count, **companions,
+    )
+    B, Hq, T, D = q.shape
+    num_pages, page_size, Hkv, _ = k_pages.shape
+    if k_pages.shape[3] != D:
+        raise ValueError(
+            f"k_pages must have shape [num_pages, page_size, Hkv, D] with D={D} taken from q [B, Hq, T, D]; "
+            f"got {tuple(k_pages.shape)}"
+        )
+    if num_pages == 0 or page_size == 0:
+        raise ValueError(f"k_pages holds no slot (num_pages = {num_pages}, page_size = {page_size})")
+    require_shape("pos_pages", pos_pages, (num_pages, page_size), "[num_pages, page_size] like k_pages")
+    if block_table.shape[0] != B or block_table.shape[1] == 0:
+        raise ValueError(
+            f"block_table must have shape [B, max_pages] with B={B} taken from q and max_pages >= 1; "
+            f"got {tuple(block_table.shape)}"
+        )
+    S = block_table.shape[1] * page_size
+    check_query_layout(q, k_pages, Hkv, S, query_slots, window, slot_count)
+    return B, Hq, Hkv, T, S, D
+
+
+def check_query_layout(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    Hkv: int,
+    S: int,
+    query_slots: torch.Tensor | None,
+    window: int | None,
+    slot_count: torch.Tensor | None,
+) -> None:
+    """What the queries require of ``Hkv`` heads over ``S`` slots, whichever layout holds them."""
+    B, Hq, T, D = q.shape
+    if q.dtype != k.dtype:
+        raise ValueError(f"q and k must share one dtype; got {q.dtype} and {k.dtype}")
     if Hkv == 0 or Hq == 0 or Hq % Hkv != 0:
         raise ValueError(
             f"query heads ({Hq}) must be a positive multiple of key/value heads ({Hkv}) for grouped-query attention"
@@ -81,21 +151,36 @@ def check_queries_over_slots(
         raise ValueError("q has no tokens (T = 0)")
     if D == 0:
         raise ValueError("q and k have an empty head dim (D = 0): pass at least one feature per head")
-    if S == 0:
-        raise ValueError("k has no slots (S = 0): every query needs at least its own key slot")
     if query_slots is None and S < T:
         raise ValueError(
             f"k has {S} slots but q has {T} tokens: without query_slots the last T key slots must hold the new "
             "tokens' keys"
         )
-    require_shape("pos", pos, (B, S), "[B, S]")
     if query_slots is not None:
         require_shape("query_slots", query_slots, (B, T), "[B, T] (one key slot per query token)")
     if slot_count is not None:
         require_shape("slot_count", slot_count, (B,), "[B] (slots in use per sequence)")
     if window is not None and (not isinstance(window, int) or window < 1):
         raise ValueError(f"window must be a positive int or None, got {window!r}")
-    return B, Hq, Hkv, T, S, D
+
+
+def check_block_table(block_table: torch.Tensor, num_pages: int, *, distinct: bool) -> None:
+    """Every entry is a page id in ``[0, num_pages)`` or ``-1`` (no page), and with ``distinct`` no page is
+    named twice (a compaction writes each page for one sequence). Reads the table (a host sync)."""
+    bad = (block_table < -1) | (block_table >= num_pages)
+    if bool(bad.any()):
+        raise ValueError(
+            f"block_table entries must be page ids in [0, num_pages={num_pages}) or -1 (no page); got "
+            f"{int(block_table[bad][0])}"
+        )
+    if distinct:
+        named = block_table[block_table >= 0]
+        values, counts = named.unique(return_counts=True)
+        if bool((counts > 1).any()):
+            raise ValueError(
+                f"block_table names page {int(values[counts > 1][0])} more than once: a compaction moves each "
+                "page's slots for one sequence, so its pages must be distinct"
+            )
 
 
 def check_attention(
@@ -115,17 +200,74 @@ def check_attention(
     B, _, Hkv, T, S, D = check_queries_over_slots(
         q, k, pos, query_slots, window, slot_count, v=v, prev_k=prev_k, prev_v=prev_v
     )
-    if v.dtype != q.dtype:
-        raise ValueError(f"q, k and v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
-    require_shape("v", v, (B, Hkv, S, D), "[B, Hkv, S, D] like k")
-    for name, prev in (("prev_k", prev_k), ("prev_v", prev_v)):
-        if prev is not None:
-            require_tensor(name, prev, 3, FLOAT_DTYPES)
-            require_shape(name, prev, (B, Hkv, D), "[B, Hkv, D]")
-    if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
-        raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
+    check_values_and_options(q, "v", v, k.shape, "[B, Hkv, S, D] like k", prev_k, prev_v, (B, Hkv, D), num_splits)
     if check_positions:
         check_query_positions(slots_in_use(pos, slot_count), query_slots, T)
+
+
+def check_paged_attention(
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    pos_pages: torch.Tensor,
+    block_table: torch.Tensor,
+    query_slots: torch.Tensor,
+    window: int | None,
+    prev_k: torch.Tensor | None,
+    prev_v: torch.Tensor | None,
+    num_splits: int | None,
+    slot_count: torch.Tensor | None,
+    check_positions: bool,
+) -> None:
+    require_tensor("v_pages", v_pages, 4, FLOAT_DTYPES)
+    B, _, Hkv, T, _, D = check_paged_queries(
+        q, k_pages, pos_pages, block_table, query_slots, window, slot_count, v_pages=v_pages, prev_k=prev_k,
+        prev_v=prev_v,
+    )
+    check_values_and_options(
+        q, "v_pages", v_pages, k_pages.shape, "[num_pages, page_size, Hkv, D] like k_pages", prev_k, prev_v,
+        (B, Hkv, D), num_splits,
+    )
+    if check_positions:
+        check_paged_positions(pos_pages, block_table, query_slots, slot_count, T)
+
+
+def check_values_and_options(
+    q: torch.Tensor,
+    name: str,
+    v: torch.Tensor,
+    shape: Sequence[int],
+    layout: str,
+    prev_k: torch.Tensor | None,
+    prev_v: torch.Tensor | None,
+    prev_shape: Sequence[int],
+    num_splits: int | None,
+) -> None:
+    """Attention's values (shaped like the keys), ``prev_k``/``prev_v [B, Hkv, D]`` and ``num_splits``."""
+    if v.dtype != q.dtype:
+        raise ValueError(f"q, the keys and {name} must share one dtype; got {q.dtype} and {v.dtype}")
+    require_shape(name, v, shape, layout)
+    for prev_name, prev in (("prev_k", prev_k), ("prev_v", prev_v)):
+        if prev is not None:
+            require_tensor(prev_name, prev, 3, FLOAT_DTYPES)
+            require_shape(prev_name, prev, prev_shape, "[B, Hkv, D]")
+    if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
+        raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
+
+
+def check_paged_positions(
+    pos_pages: torch.Tensor,
+    block_table: torch.Tensor,
+    query_slots: torch.Tensor,
+    slot_count: torch.Tensor | None,
+    num_queries: int,
+) -> None:
+    """:func:`check_query_positions` on the sequences' slots gathered from their pages, after
+    :func:`check_block_table` (host syncs)."""
+    num_pages, page_size = pos_pages.shape
+    check_block_table(block_table, num_pages, distinct=False)
+    pos = pages.gather_slots(pos_pages, pages.slot_index(block_table, page_size, num_pages), -1)
+    check_query_positions(slots_in_use(pos, slot_count), query_slots, num_queries)
 
 
 def check_query_positions(pos: torch.Tensor, query_slots: torch.Tensor | None, num_queries: int) -> None:
@@ -252,3 +394,58 @@ def check_column_sums(
     require_shape("lse", lse, (B, Hq, T), "[B, Hq, T] like q (slot_attention's lse)")
     if check_positions:
         check_query_positions(slots_in_use(pos, slot_count), query_slots, T)
+
+
+def check_paged_column_sums(
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    pos_pages: torch.Tensor,
+    block_table: torch.Tensor,
+    lse: torch.Tensor,
+    query_slots: torch.Tensor,
+    window: int | None,
+    slot_count: torch.Tensor | None,
+    check_positions: bool,
+) -> None:
+    """Inputs of ``paged_attention_column_sums``: as for paged attention, ``lse [B, Hq, T]`` float32."""
+    require_tensor("lse", lse, 3, (torch.float32,))
+    B, Hq, _, T, _, _ = check_paged_queries(
+        q, k_pages, pos_pages, block_table, query_slots, window, slot_count, lse=lse
+    )
+    require_shape("lse", lse, (B, Hq, T), "[B, Hq, T] like q (paged_slot_attention's lse)")
+    if check_positions:
+        check_paged_positions(pos_pages, block_table, query_slots, slot_count, T)
+
+
+def check_paged_compact(
+    kv_pages: torch.Tensor,
+    pos_pages: torch.Tensor,
+    scores_pages: torch.Tensor,
+    block_table: torch.Tensor,
+    destination: torch.Tensor,
+    check_pages: bool,
+) -> None:
+    require_tensor("kv_pages", kv_pages, 5, FLOAT_DTYPES)
+    require_tensor("pos_pages", pos_pages, 2, INT_DTYPES)
+    require_tensor("scores_pages", scores_pages, 2, (torch.float32,))
+    require_tensor("block_table", block_table, 2, INT_DTYPES)
+    require_tensor("destination", destination, 2, (torch.int64,))
+    require_same_device(
+        kv_pages=kv_pages, pos_pages=pos_pages, scores_pages=scores_pages, block_table=block_table,
+        destination=destination,
+    )
+    _, num_pages, page_size, _, _ = kv_pages.shape
+    if num_pages == 0 or page_size == 0:
+        raise ValueError(f"kv_pages holds no slot (num_pages = {num_pages}, page_size = {page_size})")
+    layout = "[num_pages, page_size] with num_pages, page_size from kv_pages [P, num_pages, page_size, H, D]"
+    require_shape("pos_pages", pos_pages, (num_pages, page_size), layout)
+    require_shape("scores_pages", scores_pages, (num_pages, page_size), "[num_pages, page_size] like pos_pages")
+    B, S = block_table.shape[0], block_table.shape[1] * page_size
+    if destination.shape[0] != B or destination.shape[1] > S:
+        raise ValueError(
+            f"destination must have shape [B, W] with B={B} (block_table's rows) and W <= S={S} (max_pages · "
+            f"page_size logical slots): one entry per slot at or above the new fill, from ops.compaction_plan; "
+            f"got {tuple(destination.shape)}"
+        )
+    if check_pages:
+        check_block_table(block_table, num_pages, distinct=True)

@@ -85,13 +85,55 @@ slot_attention = KernelOp(
 slot_attention.custom_op.register_autograd(_inference_only)
 
 
-@slot_attention.custom_op.register_fake
-def _(q, k, v, pos, query_slots, scale, window, prev_k, prev_v, with_deltas, return_lse, num_splits, slot_count):
+def _attention_outputs(q: torch.Tensor, Hkv: int, with_deltas: bool, return_lse: bool) -> tuple:
+    """The fake attention outputs for queries ``q`` over ``Hkv`` heads (shapes and dtypes, no data)."""
     B, Hq, T, D = q.shape
-    Hkv = k.shape[1]
     dk = q.new_empty((B, Hkv, T), dtype=torch.float32) if with_deltas else _absent(q)
     lse = q.new_empty((B, Hq, T), dtype=torch.float32) if return_lse else _absent(q)
     return q.new_empty((B, Hq, T, D)), dk, torch.empty_like(dk), lse
+
+
+@slot_attention.custom_op.register_fake
+def _(q, k, v, pos, query_slots, scale, window, prev_k, prev_v, with_deltas, return_lse, num_splits, slot_count):
+    return _attention_outputs(q, k.shape[1], with_deltas, return_lse)
+
+
+def _paged_slot_attention(
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    pos_pages: torch.Tensor,
+    block_table: torch.Tensor,
+    query_slots: torch.Tensor,
+    scale: float | None,
+    window: int | None,
+    prev_k: torch.Tensor | None,
+    prev_v: torch.Tensor | None,
+    with_deltas: bool,
+    return_lse: bool,
+    num_splits: int | None,
+    slot_count: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(out, dk, dv, lse)`` over paged K/V; absent members are empty, as for ``slot_attention``."""
+    result = paged_slot_attention.run(
+        q, k_pages, v_pages, pos_pages, block_table, query_slots=query_slots, scale=scale, window=window,
+        prev_k=prev_k, prev_v=prev_v, with_deltas=with_deltas, return_lse=return_lse, num_splits=num_splits,
+        slot_count=slot_count,
+    )
+    return tuple(_absent(q) if member is None else member for member in result)
+
+
+paged_slot_attention = KernelOp(
+    torch.library.custom_op("epikv_triton::paged_slot_attention", _paged_slot_attention, mutates_args=()),
+    naive.paged_slot_attention, attention.paged_slot_attention, covers=fits_attention_kernels,
+)
+paged_slot_attention.custom_op.register_autograd(_inference_only)
+
+
+@paged_slot_attention.custom_op.register_fake
+def _(q, k_pages, v_pages, pos_pages, block_table, query_slots, scale, window, prev_k, prev_v, with_deltas,
+      return_lse, num_splits, slot_count):
+    return _attention_outputs(q, k_pages.shape[2], with_deltas, return_lse)
 
 
 def _attention_column_sums(
@@ -120,6 +162,39 @@ attention_column_sums.custom_op.register_autograd(_inference_only)
 @attention_column_sums.custom_op.register_fake
 def _(q, k, pos, lse, query_slots, scale, window, slot_count):
     B, Hkv, S = k.shape[:3]
+    return q.new_empty((B, Hkv, S), dtype=torch.float32)
+
+
+def _paged_attention_column_sums(
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    pos_pages: torch.Tensor,
+    block_table: torch.Tensor,
+    lse: torch.Tensor,
+    query_slots: torch.Tensor,
+    scale: float | None,
+    window: int | None,
+    slot_count: torch.Tensor | None,
+) -> torch.Tensor:
+    """``[B, Hkv, max_pages · page_size]`` float32 H2O column sums over paged keys."""
+    return paged_attention_column_sums.run(
+        q, k_pages, pos_pages, block_table, lse, query_slots=query_slots, scale=scale, window=window,
+        slot_count=slot_count,
+    )
+
+
+paged_attention_column_sums = KernelOp(
+    torch.library.custom_op(
+        "epikv_triton::paged_attention_column_sums", _paged_attention_column_sums, mutates_args=()
+    ),
+    naive.paged_attention_column_sums, h2o.paged_attention_column_sums, covers=fits_attention_kernels,
+)
+paged_attention_column_sums.custom_op.register_autograd(_inference_only)
+
+
+@paged_attention_column_sums.custom_op.register_fake
+def _(q, k_pages, pos_pages, block_table, lse, query_slots, scale, window, slot_count):
+    B, Hkv, S = q.shape[0], k_pages.shape[2], block_table.shape[1] * k_pages.shape[1]
     return q.new_empty((B, Hkv, S), dtype=torch.float32)
 
 
@@ -155,4 +230,29 @@ compact_slots_ = KernelOp(
 
 @compact_slots_.custom_op.register_fake
 def _(kv, pos, scores, destination):
+    return None
+
+
+def _paged_compact_slots_(
+    kv_pages: torch.Tensor,
+    pos_pages: torch.Tensor,
+    scores_pages: torch.Tensor,
+    block_table: torch.Tensor,
+    destination: torch.Tensor,
+) -> None:
+    """Moves the kept slots at or above the new fill into ``destination``, in the pages, in place."""
+    paged_compact_slots_.run(kv_pages, pos_pages, scores_pages, block_table, destination)
+
+
+paged_compact_slots_ = KernelOp(
+    torch.library.custom_op(
+        "epikv_triton::paged_compact_slots_", _paged_compact_slots_,
+        mutates_args=("kv_pages", "pos_pages", "scores_pages"),
+    ),
+    naive.paged_compact_slots_, compaction.paged_compact_slots_,
+)
+
+
+@paged_compact_slots_.custom_op.register_fake
+def _(kv_pages, pos_pages, scores_pages, block_table, destination):
     return None

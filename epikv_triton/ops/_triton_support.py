@@ -124,6 +124,63 @@ def tile_fully_visible(pos_q_min, pos_q_max, pos_k, window, HAS_WINDOW: tl.const
     return visible
 
 
+# --------------------------------------------------------------------------- #
+# Slot addressing: dense buffers and paged pools, one translation
+# --------------------------------------------------------------------------- #
+# A kernel names a sequence's slots by logical index s in [0, S). Dense, slot s
+# of sequence b is row b of the tensor at offset s (``b * stride_b + s *
+# stride_s``). Paged, it lives in page ``table_row[s // PAGE_SIZE]`` of a pool
+# shared by every sequence, at offset ``s % PAGE_SIZE`` in it (``page *
+# stride_page + (s % PAGE_SIZE) * stride_slot``, 64-bit: a pool spans more
+# than 2**31 elements). A page id outside [0, num_pages) (an unallocated entry
+# of the block table, e.g. -1) makes its slots empty: nothing is read or written
+# there. ``PAGED`` is a constexpr, so a dense launch compiles to the dense
+# arithmetic alone.
+
+
+@triton.jit
+def sequence_base(ptr, b, stride_b, PAGED: tl.constexpr):
+    """Where sequence ``b``'s slots are addressed from: its row of a dense tensor, or the whole pool."""
+    if PAGED:
+        base = ptr
+    else:
+        base = ptr + b * stride_b
+    return base
+
+
+@triton.jit
+def locate_slots(slots, valid, table_row, stride_table, num_pages, PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr):
+    """``(page, in_page, valid)`` of a sequence's logical ``slots``: the page holding each (paged; unused
+    dense), the offset in it, and ``valid`` narrowed to the slots whose page exists (paged)."""
+    if PAGED:
+        page = tl.load(table_row + (slots // PAGE_SIZE) * stride_table, mask=valid, other=-1).to(tl.int64)
+        valid = valid & (page >= 0) & (page < num_pages)
+        in_page = slots % PAGE_SIZE
+    else:
+        page = slots
+        in_page = slots
+    return page, in_page, valid
+
+
+@triton.jit
+def slot_offsets(page, in_page, stride_page, stride_slot, PAGED: tl.constexpr):
+    """Element offsets from :func:`sequence_base` of slots located by :func:`locate_slots`."""
+    if PAGED:
+        offsets = page * stride_page + in_page * stride_slot
+    else:
+        offsets = in_page * stride_slot
+    return offsets
+
+
+@triton.jit
+def load_positions(pos_base, stride_pp, stride_ps, slots, valid, table_row, stride_table, num_pages,
+                   PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr):
+    """int32 positions of ``slots``; -1 where not ``valid`` or (paged) in no page."""
+    page, in_page, valid = locate_slots(slots, valid, table_row, stride_table, num_pages, PAGE_SIZE, PAGED)
+    offsets = slot_offsets(page, in_page, stride_pp, stride_ps, PAGED)
+    return tl.load(pos_base + offsets, mask=valid, other=-1).to(tl.int32)
+
+
 @triton.jit
 def slots_in_use_end(count_ptr, S):
     """int32 ``slot_count`` read from ``count_ptr``, clamped to ``[0, S]`` before the cast: an int64
@@ -132,18 +189,21 @@ def slots_in_use_end(count_ptr, S):
 
 
 @triton.jit
-def query_positions(pos_row, stride_ps, query_slot, valid, slot_end):
+def query_positions(pos_base, stride_pp, stride_ps, query_slot, valid, slot_end, table_row, stride_table, num_pages,
+                    PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr):
     """int32 positions of ``query_slot``; -1 where not ``valid`` or outside ``[0, slot_end)``.
 
     Query slots are not checked on the host (a sync), so the bound also keeps a bad one from reading
     outside ``pos``.
     """
     used = valid & (query_slot >= 0) & (query_slot < slot_end)
-    return tl.load(pos_row + query_slot * stride_ps, mask=used, other=-1).to(tl.int32)
+    return load_positions(pos_base, stride_pp, stride_ps, query_slot, used, table_row, stride_table, num_pages,
+                          PAGE_SIZE, PAGED)
 
 
 @triton.jit
-def visible_slot_range(pos_row, stride_ps, lo, hi, oldest, latest, SCAN_BLOCK: tl.constexpr):
+def visible_slot_range(pos_base, stride_pp, stride_ps, lo, hi, oldest, latest, table_row, stride_table, num_pages,
+                       SCAN_BLOCK: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr):
     """``(first, end)``: the slots of ``[lo, hi)`` holding a position in ``[oldest, latest]`` all lie in
     ``[first, end)``; ``first >= end`` when none does.
 
@@ -155,7 +215,8 @@ def visible_slot_range(pos_row, stride_ps, lo, hi, oldest, latest, SCAN_BLOCK: t
     last = lo - 1
     for start in range(lo, hi, SCAN_BLOCK):
         slots = start + tl.arange(0, SCAN_BLOCK)
-        pos = tl.load(pos_row + slots * stride_ps, mask=slots < hi, other=-1).to(tl.int32)
+        pos = load_positions(pos_base, stride_pp, stride_ps, slots, slots < hi, table_row, stride_table, num_pages,
+                             PAGE_SIZE, PAGED)
         seen = (pos >= oldest) & (pos <= latest)
         first = tl.minimum(first, tl.min(tl.where(seen, slots, hi), axis=0))
         last = tl.maximum(last, tl.max(tl.where(seen, slots, lo - 1), axis=0))

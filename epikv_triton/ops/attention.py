@@ -74,13 +74,17 @@ from ._triton_support import (
     autotune_bucket,
     dot_precision,
     launch_options,
+    locate_slots,
     query_positions,
     require_int32_plane_offsets,
+    sequence_base,
+    slot_offsets,
     slots_in_use_end,
     tile_fully_visible,
     visible_pairs,
     visible_slot_range,
 )
+from .pages import PageTable, kernel_paging
 from .slots import AttentionResult, resolve_query_slots
 
 # --------------------------------------------------------------------------- #
@@ -163,7 +167,7 @@ COMBINE_ROWS = 16 if INTERPRET else 4
 # them (a config tuned for 8 programs is not the one for 512).
 AUTOTUNE_KEY = [
     "BLOCK_D", "G", "ROWS_BUCKET", "KEYS_BUCKET", "PROGRAMS_BUCKET", "SPLITS_BUCKET",
-    "HAS_WINDOW", "WITH_DELTAS", "WRITE_LSE", "USE_TMA",
+    "HAS_WINDOW", "WITH_DELTAS", "WRITE_LSE", "USE_TMA", "PAGED", "PAGE_SIZE",
 ]
 
 
@@ -174,7 +178,7 @@ AUTOTUNE_KEY = [
 
 @triton.jit
 def _attention_fwd_kernel(
-    Q, K, V, K_DESC, V_DESC, POS, QUERY_SLOTS, SLOT_COUNT, OUT, LSE, DK, DV, PREV_K, PREV_V,
+    Q, K, V, K_DESC, V_DESC, POS, QUERY_SLOTS, SLOT_COUNT, OUT, LSE, DK, DV, PREV_K, PREV_V, BLOCK_TABLE,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
@@ -184,6 +188,7 @@ def _attention_fwd_kernel(
     stride_lb, stride_lh, stride_lt, stride_lsplit,
     stride_pkb, stride_pkh, stride_pkd,
     stride_pvb, stride_pvh, stride_pvd,
+    stride_tb, stride_tp, num_pages,
     T, S, D, G, Hkv,
     qk_scale, window, keys_per_split,
     ROWS_BUCKET, KEYS_BUCKET, PROGRAMS_BUCKET, SPLITS_BUCKET,  # autotune key only
@@ -192,6 +197,7 @@ def _attention_fwd_kernel(
     WITH_DELTAS: tl.constexpr, HAS_PREV_K: tl.constexpr, HAS_PREV_V: tl.constexpr,
     SKIP_BY_POSITION: tl.constexpr, SCAN_BLOCK: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -209,7 +215,12 @@ def _attention_fwd_kernel(
     dim_valid = dims < D
     row_dim_mask = row_valid[:, None] & dim_valid[None, :]
 
-    pos_row = POS + b * stride_pb
+    # Slot s of this sequence: row b of K, V and POS (dense), or page BLOCK_TABLE[b, s // PAGE_SIZE] of
+    # their pools (paged); _triton_support's "slot addressing" helpers translate.
+    pos_base = sequence_base(POS, b, stride_pb, PAGED)
+    table_row = BLOCK_TABLE  # None on a dense launch
+    if PAGED:
+        table_row = BLOCK_TABLE + b * stride_tb
     slot_row = QUERY_SLOTS + b * stride_sb
     # Slots in use: [0, slot_end). Read from device memory, so a static-shape
     # step over the whole buffer needs no host value to skip the empty tail.
@@ -220,9 +231,12 @@ def _attention_fwd_kernel(
     # int32 (half the registers of int64; S < 2**31). Rows past the end, and
     # query slots outside the slots in use, read -1: they see nothing.
     query_slot = tl.load(slot_row + token * stride_st, mask=row_valid, other=0).to(tl.int32)
-    pos_q = query_positions(pos_row, stride_ps, query_slot, row_valid, slot_end)
-    k_base = K + b * stride_kb + kv_head * stride_kh
-    v_base = V + b * stride_vb + kv_head * stride_vh
+    pos_q = query_positions(
+        pos_base, stride_pb, stride_ps, query_slot, row_valid, slot_end, table_row, stride_tp, num_pages,
+        PAGE_SIZE, PAGED,
+    )
+    k_base = sequence_base(K, b, stride_kb, PAGED) + kv_head * stride_kh
+    v_base = sequence_base(V, b, stride_vb, PAGED) + kv_head * stride_vh
 
     if WITH_DELTAS:
         if split == 0:
@@ -233,14 +247,14 @@ def _attention_fwd_kernel(
             has_before = token > 0
             before_slot = tl.load(slot_row + (token - 1) * stride_st, mask=owner & has_before, other=0).to(tl.int32)
             _store_delta_norms(
-                k_base, stride_ks, stride_kd, PREV_K + b * stride_pkb + kv_head * stride_pkh, stride_pkd,
+                k_base, stride_kb, stride_ks, stride_kd, PREV_K + b * stride_pkb + kv_head * stride_pkh, stride_pkd,
                 DK + (b * Hkv + kv_head) * T + token, query_slot, before_slot, has_before, owner, S, dims, dim_valid,
-                HAS_PREV_K,
+                table_row, stride_tp, num_pages, HAS_PREV_K, PAGE_SIZE, PAGED,
             )
             _store_delta_norms(
-                v_base, stride_vs, stride_vd, PREV_V + b * stride_pvb + kv_head * stride_pvh, stride_pvd,
+                v_base, stride_vb, stride_vs, stride_vd, PREV_V + b * stride_pvb + kv_head * stride_pvh, stride_pvd,
                 DV + (b * Hkv + kv_head) * T + token, query_slot, before_slot, has_before, owner, S, dims, dim_valid,
-                HAS_PREV_V,
+                table_row, stride_tp, num_pages, HAS_PREV_V, PAGE_SIZE, PAGED,
             )
 
     # Bounds over the stored rows, for the per-tile "no mask needed" proof.
@@ -259,7 +273,10 @@ def _attention_fwd_kernel(
             oldest_seen = tl.maximum(earliest - window + 1, 0)
         else:
             oldest_seen = 0
-        first, end = visible_slot_range(pos_row, stride_ps, key_lo, key_hi, oldest_seen, latest, SCAN_BLOCK)
+        first, end = visible_slot_range(
+            pos_base, stride_pb, stride_ps, key_lo, key_hi, oldest_seen, latest, table_row, stride_tp, num_pages,
+            SCAN_BLOCK, PAGE_SIZE, PAGED,
+        )
         key_hi = end
         key_lo = key_lo + (first - key_lo) // BLOCK_N * BLOCK_N
 
@@ -274,8 +291,10 @@ def _attention_fwd_kernel(
 
     for start in range(key_lo, key_hi, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
-        key_valid = keys < key_hi
-        pos_k = tl.load(pos_row + keys * stride_ps, mask=key_valid, other=-1).to(tl.int32)
+        page, in_page, key_valid = locate_slots(keys, keys < key_hi, table_row, stride_tp, num_pages, PAGE_SIZE, PAGED)
+        pos_k = tl.load(
+            pos_base + slot_offsets(page, in_page, stride_pb, stride_ps, PAGED), mask=key_valid, other=-1
+        ).to(tl.int32)
         if USE_TMA:
             # One TMA copy per tile into shared memory, where wgmma reads it.
             # The [1, 1, BLOCK_N, BLOCK_D] box never leaves this (batch, head);
@@ -288,11 +307,13 @@ def _attention_fwd_kernel(
         else:
             # K is loaded transposed ([D, N]) so the score tile is a plain q @ k_t.
             k_t = tl.load(
-                k_base + keys[None, :] * stride_ks + dims[:, None] * stride_kd,
+                k_base + slot_offsets(page[None, :], in_page[None, :], stride_kb, stride_ks, PAGED)
+                + dims[:, None] * stride_kd,
                 mask=key_valid[None, :] & dim_valid[:, None], other=0.0,
             )
             v = tl.load(
-                v_base + keys[:, None] * stride_vs + dims[None, :] * stride_vd,
+                v_base + slot_offsets(page[:, None], in_page[:, None], stride_vb, stride_vs, PAGED)
+                + dims[None, :] * stride_vd,
                 mask=key_valid[:, None] & dim_valid[None, :], other=0.0,
             )
         if UPCAST:
@@ -332,21 +353,22 @@ def _attention_fwd_kernel(
 
 @triton.jit
 def _store_delta_norms(
-    base, stride_s, stride_d, prev_base, stride_prev_d, out_ptrs, slot, before_slot, has_before, owner, S,
-    dims, dim_valid, HAS_PREV: tl.constexpr,
+    base, stride_page, stride_s, stride_d, prev_base, stride_prev_d, out_ptrs, slot, before_slot, has_before, owner,
+    S, dims, dim_valid, table_row, stride_table, num_pages, HAS_PREV: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    PAGED: tl.constexpr,
 ):
     """``‖x[slot] − x[before_slot]‖₂`` per row (``prev`` where not ``has_before``, NaN without it).
 
-    Slots outside ``[0, S)`` (unchecked query slots) read zeros rather than another head's memory.
+    Slots outside ``[0, S)`` (unchecked query slots), and paged slots in no page, read zeros rather than
+    another head's memory.
     """
-    mask = owner[:, None] & dim_valid[None, :]
-    current = tl.load(
-        base + slot[:, None] * stride_s + dims[None, :] * stride_d,
-        mask=mask & ((slot >= 0) & (slot < S))[:, None], other=0.0,
+    current = _load_slot_rows(
+        base, stride_page, stride_s, stride_d, slot, owner & (slot >= 0) & (slot < S), dims, dim_valid,
+        table_row, stride_table, num_pages, PAGE_SIZE, PAGED,
     )
-    before = tl.load(
-        base + before_slot[:, None] * stride_s + dims[None, :] * stride_d,
-        mask=mask & (has_before & (before_slot >= 0) & (before_slot < S))[:, None], other=0.0,
+    before = _load_slot_rows(
+        base, stride_page, stride_s, stride_d, before_slot, owner & has_before & (before_slot >= 0) & (before_slot < S),
+        dims, dim_valid, table_row, stride_table, num_pages, PAGE_SIZE, PAGED,
     ).to(tl.float32)
     if HAS_PREV:
         # Same prev vector for every row; only token 0's row takes it.
@@ -357,6 +379,19 @@ def _store_delta_norms(
     if not HAS_PREV:
         norm = tl.where(has_before, norm, float("nan"))
     tl.store(out_ptrs, norm, mask=owner)
+
+
+@triton.jit
+def _load_slot_rows(
+    base, stride_page, stride_s, stride_d, slots, valid, dims, dim_valid, table_row, stride_table, num_pages,
+    PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr,
+):
+    """``[rows, BLOCK_D]`` of one head at ``slots`` (one slot a row); zeros where not ``valid`` or in no page."""
+    page, in_page, valid = locate_slots(slots, valid, table_row, stride_table, num_pages, PAGE_SIZE, PAGED)
+    offsets = slot_offsets(page[:, None], in_page[:, None], stride_page, stride_s, PAGED)
+    return tl.load(
+        base + offsets + dims[None, :] * stride_d, mask=valid[:, None] & dim_valid[None, :], other=0.0
+    )
 
 
 @triton.jit
@@ -526,12 +561,74 @@ def slot_attention(
     :func:`uses_tensor_descriptors` (tests force ``True`` under the
     interpreter, which runs descriptors too; the layout must then allow one).
     """
+    if use_tma is None:
+        use_tma = uses_tensor_descriptors(k, v, q.shape[2] * (q.shape[1] // k.shape[1]))
+    elif use_tma and not descriptor_layout_ok(k, v):
+        raise ValueError("use_tma=True needs k and v with a contiguous last dim and 16-byte aligned strides")
+    return _launch(
+        q, k, v, pos, None, resolve_query_slots(query_slots, q, k), scale, window, prev_k, prev_v, with_deltas,
+        return_lse, num_splits, slot_count, config, use_tma,
+    )
+
+
+def paged_slot_attention(
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    pos_pages: torch.Tensor,
+    block_table: torch.Tensor,
+    *,
+    query_slots: torch.Tensor,
+    scale: float | None = None,
+    window: int | None = None,
+    prev_k: torch.Tensor | None = None,
+    prev_v: torch.Tensor | None = None,
+    with_deltas: bool = True,
+    return_lse: bool = False,
+    num_splits: int | None = None,
+    slot_count: torch.Tensor | None = None,
+    config: triton.Config | None = None,
+) -> AttentionResult:
+    """Launch :func:`epikv_triton.ops.paged_slot_attention` on the kernels (inputs already validated).
+
+    The same kernel as :func:`slot_attention` over the pools ``[num_pages, page_size, Hkv, D]`` seen as
+    ``[num_pages, Hkv, page_size, D]`` (page for batch row, offset for slot), each slot's page looked up
+    in ``block_table``. K/V always take the pointer loads: a key tile spans pages, which one TMA box
+    cannot.
+    """
+    paging = PageTable(block_table, k_pages.shape[1], k_pages.shape[0])
+    return _launch(
+        q, k_pages.transpose(1, 2), v_pages.transpose(1, 2), pos_pages, paging, query_slots, scale, window, prev_k,
+        prev_v, with_deltas, return_lse, num_splits, slot_count, config, False,
+    )
+
+
+def _launch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pos: torch.Tensor,
+    paging: PageTable | None,
+    query_slots: torch.Tensor,
+    scale: float | None,
+    window: int | None,
+    prev_k: torch.Tensor | None,
+    prev_v: torch.Tensor | None,
+    with_deltas: bool,
+    return_lse: bool,
+    num_splits: int | None,
+    slot_count: torch.Tensor | None,
+    config: triton.Config | None,
+    use_tma: bool,
+) -> AttentionResult:
+    """Both layouts' launch: ``k``/``v`` are ``[B, Hkv, S, D]`` (dense) or ``[num_pages, Hkv, page_size, D]``
+    pools, ``pos`` ``[B, S]`` or ``[num_pages, page_size]``, with ``paging`` naming the pages."""
     B, Hq, T, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
+    Hkv = k.shape[1]
+    S = k.shape[2] if paging is None else paging.slots
     G = Hq // Hkv
     num_rows = T * G
     scale = D**-0.5 if scale is None else float(scale)
-    query_slots = resolve_query_slots(query_slots, q, k)
     require_int32_plane_offsets(q=q, k=k, v=v, pos=pos, query_slots=query_slots)
     if num_splits is None:
         multiprocessors = _multiprocessor_count(q.device.index) if q.is_cuda else 0
@@ -559,10 +656,6 @@ def slot_attention(
     if with_deltas:
         dk = torch.empty((B, Hkv, T), dtype=torch.float32, device=q.device)
         dv = torch.empty((B, Hkv, T), dtype=torch.float32, device=q.device)
-    if use_tma is None:
-        use_tma = uses_tensor_descriptors(k, v, num_rows)
-    elif use_tma and not descriptor_layout_ok(k, v):
-        raise ValueError("use_tma=True needs k and v with a contiguous last dim and 16-byte aligned strides")
     block_d = max(16, triton.next_power_of_2(D))
     k_desc, v_desc = _kv_operands(k, v, use_tma, block_d, config)
 
@@ -574,15 +667,17 @@ def slot_attention(
     prev_k_strides = prev_k.stride() if has_prev_k else (0, 0, 0)
     prev_v_strides = prev_v.stride() if has_prev_v else (0, 0, 0)
 
+    (table, *table_args), paging_constants = kernel_paging(paging)
     args = (
         q, k, v, k_desc, v_desc, pos, query_slots, slot_count if slot_count is not None else pos,
         target_out, target_lse, dk if dk is not None else out, dv if dv is not None else out,
-        prev_k_arg, prev_v_arg,
+        prev_k_arg, prev_v_arg, table,
         *q.stride(), *k.stride(), *v.stride(), *pos.stride(), *query_slots.stride(),
         slot_count.stride(0) if slot_count is not None else 0,
         *out_strides, split_out_stride,
         *lse_strides, split_lse_stride,
         *prev_k_strides, *prev_v_strides,
+        *table_args,
         T, S, D, G, Hkv,
         scale * LOG2_E, window if window is not None else 0, keys_per_split,
         autotune_bucket(num_rows), autotune_bucket(S), autotune_bucket(B * Hkv), autotune_bucket(num_splits),
@@ -600,6 +695,7 @@ def slot_attention(
         UPCAST=INTERPRET,
         DOT_PRECISION=dot_precision(q.dtype),
         USE_TMA=use_tma,
+        **paging_constants,
     )
 
     def grid(meta: dict) -> tuple[int, int, int]:
@@ -627,6 +723,7 @@ __all__ = [
     "PREFILL_CONFIGS",
     "choose_num_splits",
     "descriptor_layout_ok",
+    "paged_slot_attention",
     "slot_attention",
     "split_plan",
     "uses_decode_space",

@@ -44,7 +44,8 @@ import triton
 import triton.language as tl
 
 from . import naive
-from ._triton_support import launch_options
+from ._triton_support import launch_options, locate_slots, sequence_base, slot_offsets
+from .pages import PageTable, kernel_paging
 
 # Every config gives each thread 16–32 elements per tile (2–4 16-byte vectors
 # of fp16/bf16) so enough bytes are in flight per warp; BLOCK_D = 64 suits
@@ -81,6 +82,7 @@ def _compact_slots_kernel(
     pos_ptr,
     scores_ptr,
     destination_ptr,
+    table_ptr,
     B,
     H,
     S,
@@ -97,8 +99,13 @@ def _compact_slots_kernel(
     stride_scores_s,
     stride_destination_b,
     stride_destination_w,
+    stride_table_b,
+    stride_table_p,
+    num_pages,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PAGED: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
 ):
     # Copying needs no arithmetic on the data, so bf16 needs no interpreter upcast.
     row = tl.program_id(0).to(tl.int64)
@@ -110,11 +117,16 @@ def _compact_slots_kernel(
 
     dims = d_block * BLOCK_D + tl.arange(0, BLOCK_D)
     dim_ok = dims < D
-    kv_row = kv_ptr + plane * stride_kv_p + seq * stride_kv_b + head * stride_kv_h
+    # Slot s of this sequence: row seq of kv, pos and scores (dense), or page table[seq, s // PAGE_SIZE] of
+    # their pools (paged); _triton_support's "slot addressing" helpers translate.
+    kv_row = sequence_base(kv_ptr + plane * stride_kv_p + head * stride_kv_h, seq, stride_kv_b, PAGED)
     dim_offsets = dims.to(tl.int64)[None, :] * stride_kv_d
     destination_row = destination_ptr + seq * stride_destination_b
-    pos_row = pos_ptr + seq * stride_pos_b
-    scores_row = scores_ptr + seq * stride_scores_b
+    pos_row = sequence_base(pos_ptr, seq, stride_pos_b, PAGED)
+    scores_row = sequence_base(scores_ptr, seq, stride_scores_b, PAGED)
+    table_row = table_ptr  # None on a dense launch
+    if PAGED:
+        table_row = table_ptr + seq * stride_table_b
     owns_metadata = (plane == 0) & (head == 0) & (d_block == 0)
     # Released slots whose metadata this program moves: all W for the owner, none for the rest.
     metadata_width = W * owns_metadata.to(tl.int32)
@@ -127,24 +139,39 @@ def _compact_slots_kernel(
         # then drops its slot instead of writing outside the view or onto a slot still to be read.
         moves = (dest >= 0) & (dest < fill)
         src = (fill + offset).to(tl.int64)
+        # Paged, a slot whose source or destination page does not exist does not move.
+        src_page, src_in_page, moves = locate_slots(src, moves, table_row, stride_table_p, num_pages, PAGE_SIZE, PAGED)
+        dest_page, dest_in_page, moves = locate_slots(
+            dest, moves, table_row, stride_table_p, num_pages, PAGE_SIZE, PAGED
+        )
         tile_mask = moves[:, None] & dim_ok[None, :]
-        tile = tl.load(kv_row + src[:, None] * stride_kv_s + dim_offsets, mask=tile_mask)
-        tl.store(kv_row + dest[:, None] * stride_kv_s + dim_offsets, tile, mask=tile_mask)
+        src_kv = slot_offsets(src_page[:, None], src_in_page[:, None], stride_kv_b, stride_kv_s, PAGED)
+        dest_kv = slot_offsets(dest_page[:, None], dest_in_page[:, None], stride_kv_b, stride_kv_s, PAGED)
+        tile = tl.load(kv_row + src_kv + dim_offsets, mask=tile_mask)
+        tl.store(kv_row + dest_kv + dim_offsets, tile, mask=tile_mask)
         # Metadata rides along in one program per sequence (a masked access moves no bytes).
         meta_moves = moves & (offset < metadata_width)
-        moved_pos = tl.load(pos_row + src * stride_pos_s, mask=meta_moves)
-        moved_score = tl.load(scores_row + src * stride_scores_s, mask=meta_moves)
-        tl.store(pos_row + dest * stride_pos_s, moved_pos, mask=meta_moves)
-        tl.store(scores_row + dest * stride_scores_s, moved_score, mask=meta_moves)
+        src_pos = slot_offsets(src_page, src_in_page, stride_pos_b, stride_pos_s, PAGED)
+        dest_pos = slot_offsets(dest_page, dest_in_page, stride_pos_b, stride_pos_s, PAGED)
+        src_score = slot_offsets(src_page, src_in_page, stride_scores_b, stride_scores_s, PAGED)
+        dest_score = slot_offsets(dest_page, dest_in_page, stride_scores_b, stride_scores_s, PAGED)
+        moved_pos = tl.load(pos_row + src_pos, mask=meta_moves)
+        moved_score = tl.load(scores_row + src_score, mask=meta_moves)
+        tl.store(pos_row + dest_pos, moved_pos, mask=meta_moves)
+        tl.store(scores_row + dest_score, moved_score, mask=meta_moves)
 
     if owns_metadata:
         # The released slots were this program's sources: clear them only after every load.
         tl.debug_barrier()
         for start in range(0, W, BLOCK_S):
             slot = (fill + start + tl.arange(0, BLOCK_S)).to(tl.int64)
-            in_range = slot < S
-            tl.store(pos_row + slot * stride_pos_s, tl.full([BLOCK_S], -1, tl.int64), mask=in_range)
-            tl.store(scores_row + slot * stride_scores_s, tl.full([BLOCK_S], float("nan"), tl.float32), mask=in_range)
+            page, in_page, in_range = locate_slots(
+                slot, slot < S, table_row, stride_table_p, num_pages, PAGE_SIZE, PAGED
+            )
+            pos_at = pos_row + slot_offsets(page, in_page, stride_pos_b, stride_pos_s, PAGED)
+            scores_at = scores_row + slot_offsets(page, in_page, stride_scores_b, stride_scores_s, PAGED)
+            tl.store(pos_at, tl.full([BLOCK_S], -1, tl.int64), mask=in_range)
+            tl.store(scores_at, tl.full([BLOCK_S], float("nan"), tl.float32), mask=in_range)
 
 
 # ----------------------------------------------------------------------------
@@ -166,25 +193,62 @@ def compact_slots_(
     ``config`` launches that config instead of :func:`pick_config`'s (tests use
     it to cover every GPU config).
     """
-    P, B, H, S, D = kv.shape
-    W = destination.shape[1]
-    if B == 0 or W == 0:
-        return
-    if P == 0 or H == 0 or D == 0:
+    if 0 in (kv.shape[0], kv.shape[2], kv.shape[4]):
         # No K/V bytes to move, so no grid; the metadata still needs moving.
         naive.compact_slots_(kv, pos, scores, destination)
         return
+    _launch(kv, pos, scores, destination, None, config)
+
+
+def paged_compact_slots_(
+    kv_pages: torch.Tensor,
+    pos_pages: torch.Tensor,
+    scores_pages: torch.Tensor,
+    block_table: torch.Tensor,
+    destination: torch.Tensor,
+    *,
+    config: triton.Config | None = None,
+) -> None:
+    """Launch :func:`epikv_triton.ops.paged_compact_slots_` on the kernel (inputs already validated): the
+    same moves over the pools ``kv_pages [P, num_pages, page_size, H, D]`` (seen as ``[P, num_pages, H,
+    page_size, D]``), ``pos_pages``/``scores_pages [num_pages, page_size]``, slots located through
+    ``block_table``."""
+    if 0 in (kv_pages.shape[0], kv_pages.shape[3], kv_pages.shape[4]):
+        naive.paged_compact_slots_(kv_pages, pos_pages, scores_pages, block_table, destination)
+        return
+    paging = PageTable(block_table, kv_pages.shape[2], kv_pages.shape[1])
+    _launch(kv_pages.transpose(2, 3), pos_pages, scores_pages, destination, paging, config)
+
+
+def _launch(
+    kv: torch.Tensor,
+    pos: torch.Tensor,
+    scores: torch.Tensor,
+    destination: torch.Tensor,
+    paging: PageTable | None,
+    config: triton.Config | None,
+) -> None:
+    """Both layouts' launch: ``kv`` is ``[P, B, H, S, D]`` (dense) or a ``[P, num_pages, H, page_size, D]``
+    pool, ``pos``/``scores`` ``[B, S]`` or ``[num_pages, page_size]``, with ``paging`` naming the pages."""
+    P, _, H, _, D = kv.shape
+    B, W = destination.shape
+    S = kv.shape[3] if paging is None else paging.slots
+    if B == 0 or W == 0:
+        return
+    (table, *table_args), paging_constants = kernel_paging(paging)
     config = config or pick_config(W, D)
     grid = (P * B * H, triton.cdiv(D, config.kwargs["BLOCK_D"]))
     _compact_slots_kernel[grid](
-        kv, pos, scores, destination,
+        kv, pos, scores, destination, table,
         B, H, S, W, D,
         *kv.stride(),
         *pos.stride(),
         *scores.stride(),
         *destination.stride(),
+        *table_args,
         **launch_options(config),
+        **paging_constants,
     )
 
 
-__all__ = ["COMPACTION_CONFIGS", "compact_slots_", "pick_config"]
+__all__ = ["COMPACTION_CONFIGS", "compact_slots_", "paged_compact_slots_", "pick_config"]

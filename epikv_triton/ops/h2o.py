@@ -65,12 +65,16 @@ from ._triton_support import (
     autotune_bucket,
     dot_precision,
     launch_options,
+    locate_slots,
     query_positions,
     require_int32_plane_offsets,
+    sequence_base,
+    slot_offsets,
     slots_in_use_end,
     tile_fully_visible,
     visible_pairs,
 )
+from .pages import PageTable, kernel_paging
 from .slots import resolve_query_slots
 
 # GPU tuning space. BLOCK_N is the resident key tile (like the K/V tile of a
@@ -98,7 +102,7 @@ COLUMN_SUM_INTERPRET_CONFIG = triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, nu
 SCAN_BLOCK = 1024
 
 # Tile-relevant sizes and the (batch, kv head) count that multiplies the key blocks into programs.
-AUTOTUNE_KEY = ["BLOCK_D", "G", "ROWS_BUCKET", "KEYS_BUCKET", "PROGRAMS_BUCKET", "HAS_WINDOW"]
+AUTOTUNE_KEY = ["BLOCK_D", "G", "ROWS_BUCKET", "KEYS_BUCKET", "PROGRAMS_BUCKET", "HAS_WINDOW", "PAGED", "PAGE_SIZE"]
 
 
 # --------------------------------------------------------------------------- #
@@ -108,18 +112,19 @@ AUTOTUNE_KEY = ["BLOCK_D", "G", "ROWS_BUCKET", "KEYS_BUCKET", "PROGRAMS_BUCKET",
 
 @triton.jit
 def _column_sums_kernel(
-    Q, K, POS, QUERY_SLOTS, SLOT_COUNT, LSE, OUT,
+    Q, K, POS, QUERY_SLOTS, SLOT_COUNT, LSE, OUT, BLOCK_TABLE,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_pb, stride_ps,
     stride_sb, stride_st, stride_cb,
     stride_lb, stride_lh, stride_lt,
+    stride_tb, stride_tp, num_pages,
     T, S, D, G, Hkv,
     qk_scale, window,
     ROWS_BUCKET, KEYS_BUCKET, PROGRAMS_BUCKET,  # autotune key only
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_SLOT_COUNT: tl.constexpr, SCAN_BLOCK: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -139,9 +144,18 @@ def _column_sums_kernel(
     dims = tl.arange(0, BLOCK_D)
     dim_valid = dims < D
 
-    pos_row = POS + b * stride_pb
-    # Positions are held as int32. Slots past those in use read -1: never visible (and past S, never stored).
-    pos_k = tl.load(pos_row + keys * stride_ps, mask=key_valid, other=-1).to(tl.int32)
+    # Slot s of this sequence: row b of K and POS (dense), or page BLOCK_TABLE[b, s // PAGE_SIZE] of their
+    # pools (paged); _triton_support's "slot addressing" helpers translate.
+    pos_base = sequence_base(POS, b, stride_pb, PAGED)
+    table_row = BLOCK_TABLE  # None on a dense launch
+    if PAGED:
+        table_row = BLOCK_TABLE + b * stride_tb
+    page, in_page, key_valid = locate_slots(keys, key_valid, table_row, stride_tp, num_pages, PAGE_SIZE, PAGED)
+    # Positions are held as int32. Slots past those in use (or in no page) read -1: never visible (and past
+    # S, never stored).
+    pos_k = tl.load(
+        pos_base + slot_offsets(page, in_page, stride_pb, stride_ps, PAGED), mask=key_valid, other=-1
+    ).to(tl.int32)
 
     # Tokens that can see any key of this block (see the module docstring).
     slot_row = QUERY_SLOTS + b * stride_sb
@@ -154,13 +168,15 @@ def _column_sums_kernel(
     else:
         latest_seeing = 2147483647
     token_lo, token_hi = _seeing_token_range(
-        pos_row, stride_ps, slot_row, stride_st, T, slot_end, oldest_key, latest_seeing, SCAN_BLOCK,
+        pos_base, stride_pb, stride_ps, slot_row, stride_st, T, slot_end, oldest_key, latest_seeing,
+        table_row, stride_tp, num_pages, SCAN_BLOCK, PAGE_SIZE, PAGED,
     )
 
     # Loaded after the scan, so its registers are not live during it; transposed
     # ([D, N]) so each score tile is a plain q @ k_t.
     k_t = tl.load(
-        K + b * stride_kb + kv_head * stride_kh + keys[None, :] * stride_ks + dims[:, None] * stride_kd,
+        sequence_base(K, b, stride_kb, PAGED) + kv_head * stride_kh
+        + slot_offsets(page[None, :], in_page[None, :], stride_kb, stride_ks, PAGED) + dims[:, None] * stride_kd,
         mask=key_valid[None, :] & dim_valid[:, None], other=0.0,
     )
     if UPCAST:
@@ -177,7 +193,10 @@ def _column_sums_kernel(
         # A query's position is its own slot's. Rows past the end (and query
         # slots outside the slots in use) read position -1 and lse -inf: they see nothing.
         query_slot = tl.load(slot_row + token * stride_st, mask=row_valid, other=0).to(tl.int32)
-        pos_q = query_positions(pos_row, stride_ps, query_slot, row_valid, slot_end)
+        pos_q = query_positions(
+            pos_base, stride_pb, stride_ps, query_slot, row_valid, slot_end, table_row, stride_tp, num_pages,
+            PAGE_SIZE, PAGED,
+        )
         lse = tl.load(lse_base + q_head * stride_lh + token * stride_lt, mask=row_valid, other=float("-inf"))
         q = tl.load(
             q_base + q_head[:, None] * stride_qh + token[:, None] * stride_qt + dims[None, :] * stride_qd,
@@ -205,7 +224,8 @@ def _column_sums_kernel(
 
 @triton.jit
 def _seeing_token_range(
-    pos_row, stride_ps, slot_row, stride_st, T, slot_end, oldest, latest, SCAN_BLOCK: tl.constexpr
+    pos_base, stride_pb, stride_ps, slot_row, stride_st, T, slot_end, oldest, latest, table_row, stride_tp,
+    num_pages, SCAN_BLOCK: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr,
 ):
     """``(lo, hi)``: every token whose position lies in ``[oldest, latest]`` is in ``[lo, hi)``; ``lo >= hi``
     when none is. A token's position is its query slot's (none past ``slot_end``)."""
@@ -215,7 +235,10 @@ def _seeing_token_range(
         tokens = start + tl.arange(0, SCAN_BLOCK)
         valid = tokens < T
         query_slot = tl.load(slot_row + tokens * stride_st, mask=valid, other=0).to(tl.int32)
-        pos_q = query_positions(pos_row, stride_ps, query_slot, valid, slot_end)
+        pos_q = query_positions(
+            pos_base, stride_pb, stride_ps, query_slot, valid, slot_end, table_row, stride_tp, num_pages,
+            PAGE_SIZE, PAGED,
+        )
         seeing = (pos_q >= oldest) & (pos_q <= latest)
         lo = tl.minimum(lo, tl.min(tl.where(seeing, tokens, T), axis=0))
         last = tl.maximum(last, tl.max(tl.where(seeing, tokens, -1), axis=0))
@@ -247,20 +270,61 @@ def attention_column_sums(
     Returns ``[B, Hkv, S]`` float32. ``config`` launches that config instead of
     autotuning (tests use it to run every config of :data:`COLUMN_SUM_CONFIGS`).
     """
+    return _launch(q, k, pos, lse, None, resolve_query_slots(query_slots, q, k), scale, window, slot_count, config)
+
+
+def paged_attention_column_sums(
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    pos_pages: torch.Tensor,
+    block_table: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    query_slots: torch.Tensor,
+    scale: float | None = None,
+    window: int | None = None,
+    slot_count: torch.Tensor | None = None,
+    config: triton.Config | None = None,
+) -> torch.Tensor:
+    """Launch :func:`epikv_triton.ops.paged_attention_column_sums` on the kernel (inputs already validated):
+    the same kernel over the pool ``[num_pages, page_size, Hkv, D]`` seen as ``[num_pages, Hkv, page_size, D]``.
+
+    Returns ``[B, Hkv, max_pages · page_size]`` float32, one sum per logical slot.
+    """
+    paging = PageTable(block_table, k_pages.shape[1], k_pages.shape[0])
+    return _launch(q, k_pages.transpose(1, 2), pos_pages, lse, paging, query_slots, scale, window, slot_count, config)
+
+
+def _launch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    pos: torch.Tensor,
+    lse: torch.Tensor,
+    paging: PageTable | None,
+    query_slots: torch.Tensor,
+    scale: float | None,
+    window: int | None,
+    slot_count: torch.Tensor | None,
+    config: triton.Config | None,
+) -> torch.Tensor:
+    """Both layouts' launch: ``k`` is ``[B, Hkv, S, D]`` (dense) or a ``[num_pages, Hkv, page_size, D]`` pool,
+    ``pos`` ``[B, S]`` or ``[num_pages, page_size]``, with ``paging`` naming the pages."""
     B, Hq, T, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
+    Hkv = k.shape[1]
+    S = k.shape[2] if paging is None else paging.slots
     G = Hq // Hkv
     scale = D**-0.5 if scale is None else float(scale)
     out = torch.empty((B, Hkv, S), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out
-    query_slots = resolve_query_slots(query_slots, q, k)
     require_int32_plane_offsets(q=q, k=k, pos=pos, query_slots=query_slots, lse=lse)
 
+    (table, *table_args), paging_constants = kernel_paging(paging)
     args = (
-        q, k, pos, query_slots, slot_count if slot_count is not None else pos, lse, out,
+        q, k, pos, query_slots, slot_count if slot_count is not None else pos, lse, out, table,
         *q.stride(), *k.stride(), *pos.stride(), *query_slots.stride(),
         slot_count.stride(0) if slot_count is not None else 0, *lse.stride(),
+        *table_args,
         T, S, D, G, Hkv,
         scale * LOG2_E, window if window is not None else 0,
         autotune_bucket(T * G), autotune_bucket(S), autotune_bucket(B * Hkv),
@@ -274,6 +338,7 @@ def attention_column_sums(
         # Must match the forward kernel's scores, or exp(s − lse) drifts from
         # the probabilities lse normalised (tf32 only matters for fp32 inputs).
         DOT_PRECISION=dot_precision(q.dtype),
+        **paging_constants,
     )
 
     def grid(meta: dict) -> tuple[int, int]:
@@ -286,4 +351,4 @@ def attention_column_sums(
     return out
 
 
-__all__ = ["COLUMN_SUM_CONFIGS", "attention_column_sums"]
+__all__ = ["COLUMN_SUM_CONFIGS", "attention_column_sums", "paged_attention_column_sums"]

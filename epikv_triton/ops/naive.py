@@ -3,14 +3,18 @@
 Each twin takes the arguments of its op in :mod:`epikv_triton.ops` (less the
 public wrappers' host-side ``check_positions``) and computes the same result
 in plain torch, so the layouts, dtypes and semantics documented there hold
-here too. Twins favour clarity over speed, but never build anything larger
-than the attention matrix of one call. Inputs are validated by the public ops.
+here too. The paged twins gather the pages into the dense layout
+(:mod:`.pages`) and run the dense twins: paged and dense are one op. Twins
+favour clarity over speed, but never build anything larger than the
+attention matrix of one call (or, paged, the dense copy of the pages named).
+Inputs are validated by the public ops.
 """
 
 from __future__ import annotations
 
 import torch
 
+from . import pages
 from .slots import AttentionResult, gather_slots, resolve_query_slots, slots_in_use, visibility_mask
 
 
@@ -125,6 +129,81 @@ def compact_slots_(kv: torch.Tensor, pos: torch.Tensor, scores: torch.Tensor, de
     scores[:, fill:] = float("nan")
 
 
+def paged_slot_attention(
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    pos_pages: torch.Tensor,
+    block_table: torch.Tensor,
+    *,
+    query_slots: torch.Tensor,
+    scale: float | None = None,
+    window: int | None = None,
+    prev_k: torch.Tensor | None = None,
+    prev_v: torch.Tensor | None = None,
+    with_deltas: bool = True,
+    return_lse: bool = False,
+    num_splits: int | None = None,
+    slot_count: torch.Tensor | None = None,
+) -> AttentionResult:
+    """Twin of :func:`epikv_triton.ops.paged_slot_attention`: :func:`slot_attention` over the pages gathered
+    into ``[B, Hkv, S, D]`` (slots in no page: position -1, zero K/V)."""
+    index = pages.slot_index(block_table, k_pages.shape[1], k_pages.shape[0])
+    k, v = pages.dense_planes(k_pages, index), pages.dense_planes(v_pages, index)
+    return slot_attention(
+        q, k, v, pages.gather_slots(pos_pages, index, -1), query_slots=query_slots, scale=scale, window=window,
+        prev_k=prev_k, prev_v=prev_v, with_deltas=with_deltas, return_lse=return_lse, num_splits=num_splits,
+        slot_count=slot_count,
+    )
+
+
+def paged_attention_column_sums(
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    pos_pages: torch.Tensor,
+    block_table: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    query_slots: torch.Tensor,
+    scale: float | None = None,
+    window: int | None = None,
+    slot_count: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Twin of :func:`epikv_triton.ops.paged_attention_column_sums`: :func:`attention_column_sums` over the
+    pages gathered into ``[B, Hkv, S, D]``."""
+    index = pages.slot_index(block_table, k_pages.shape[1], k_pages.shape[0])
+    return attention_column_sums(
+        q, pages.dense_planes(k_pages, index), pages.gather_slots(pos_pages, index, -1), lse,
+        query_slots=query_slots, scale=scale, window=window, slot_count=slot_count,
+    )
+
+
+def paged_compact_slots_(
+    kv_pages: torch.Tensor,
+    pos_pages: torch.Tensor,
+    scores_pages: torch.Tensor,
+    block_table: torch.Tensor,
+    destination: torch.Tensor,
+) -> None:
+    """Twin of :func:`epikv_triton.ops.paged_compact_slots_`: :func:`compact_slots_` on the pages gathered
+    into the dense layout, written back to the pages that exist (masked indexing: a host sync).
+
+    A move whose source or destination page does not exist is dropped first, as the kernel drops it.
+    """
+    index = pages.slot_index(block_table, kv_pages.shape[2], kv_pages.shape[1])
+    S, W = index.shape[1], destination.shape[1]
+    destination_index = index.gather(1, destination.clamp(0, S - 1))
+    moves = (destination >= 0) & (destination < S - W) & (destination_index >= 0) & (index[:, S - W :] >= 0)
+    planes = pages.gather_slots(kv_pages.permute(1, 2, 0, 3, 4), index, 0.0)  # [B, S, P, H, D]
+    kv = planes.permute(2, 0, 3, 1, 4)  # [P, B, H, S, D], a view of planes
+    pos = pages.gather_slots(pos_pages, index, -1)
+    scores = pages.gather_slots(scores_pages, index, float("nan"))
+    compact_slots_(kv, pos, scores, torch.where(moves, destination, -1))
+    pages.scatter_slots_(kv_pages.permute(1, 2, 0, 3, 4), index, planes)
+    pages.scatter_slots_(pos_pages, index, pos)
+    pages.scatter_slots_(scores_pages, index, scores)
+
+
 def _grouped_scores(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -161,4 +240,12 @@ def _delta_norms(x: torch.Tensor, query_slots: torch.Tensor, prev: torch.Tensor 
     return torch.cat([first, rest], dim=2)
 
 
-__all__ = ["attention_column_sums", "compact_slots_", "rolling_zscore", "slot_attention"]
+__all__ = [
+    "attention_column_sums",
+    "compact_slots_",
+    "paged_attention_column_sums",
+    "paged_compact_slots_",
+    "paged_slot_attention",
+    "rolling_zscore",
+    "slot_attention",
+]

@@ -51,6 +51,7 @@ PREFILL_TOKENS = 512
 CACHE_SLOTS = 4096  # decode and chunked prefill run over CACHE_SLOTS + T slots
 CHUNK_TOKENS = 16
 DECODE_SPLITS = 4
+PAGE_SIZE = 16  # the paged cases' page (vLLM's default)
 
 
 # --------------------------------------------------------------------------- #
@@ -202,6 +203,16 @@ def _attention_inputs(T: int, S: int, D: int, dtype: torch.dtype):
     return q, k, v, pos, prev
 
 
+def _paged(inputs):
+    """Dense attention inputs as one sequence's pages: ``(q, k_pages, v_pages, pos_pages, prev)``."""
+    q, k, v, pos, prev = inputs
+    S, D = k.shape[2], k.shape[3]
+    pages = S // PAGE_SIZE
+    k_pages, v_pages = (x[0, :, : pages * PAGE_SIZE].reshape(KV_HEADS, pages, PAGE_SIZE, D).permute(1, 2, 0, 3)
+                        .contiguous() for x in (k, v))
+    return q, k_pages, v_pages, pos[0, : pages * PAGE_SIZE].reshape(pages, PAGE_SIZE), prev
+
+
 def cases(D: int, dtype: torch.dtype) -> Iterator[Case]:
     """The launches that compile every config of every kernel, at Llama-3-8B-like shapes."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -213,6 +224,7 @@ def cases(D: int, dtype: torch.dtype) -> Iterator[Case]:
     prefill = _attention_inputs(PREFILL_TOKENS, PREFILL_TOKENS, D, dtype)
     chunk = _attention_inputs(CHUNK_TOKENS, CACHE_SLOTS + CHUNK_TOKENS, D, dtype)
     decode = _attention_inputs(1, CACHE_SLOTS + 1, D, dtype)
+    paged_decode = _attention_inputs(1, CACHE_SLOTS + PAGE_SIZE, D, dtype)
 
     def attend(inputs, **kwargs):
         q, k, v, pos, prev = inputs
@@ -238,6 +250,20 @@ def cases(D: int, dtype: torch.dtype) -> Iterator[Case]:
     yield Case(combine.__name__, f"decode split={DECODE_SPLITS}", combine, attention.DECODE_CONFIGS[:1],
                attend(decode, num_splits=DECODE_SPLITS), fixed_config_name=f"R{attention.COMBINE_ROWS}-w4")
 
+    # The paged layout (vLLM's default page of 16 slots): the same kernels, slots found through a block table.
+    def attend_paged(inputs, T, **kwargs):
+        q, k, v, pos, prev = _paged(inputs)
+        query_slots = torch.arange(k.shape[0] * PAGE_SIZE - T, k.shape[0] * PAGE_SIZE)[None]
+        table = torch.arange(k.shape[0], dtype=torch.int32)[None]
+        return lambda config: attention.paged_slot_attention(
+            q, k, v, pos, table, query_slots=query_slots, prev_k=prev, prev_v=prev, config=config, **kwargs
+        )
+
+    yield Case(fwd.__name__, f"paged prefill T={PREFILL_TOKENS} page={PAGE_SIZE}", fwd, attention.PREFILL_CONFIGS,
+               attend_paged(prefill, PREFILL_TOKENS, return_lse=True))
+    yield Case(fwd.__name__, f"paged decode S={CACHE_SLOTS + PAGE_SIZE} page={PAGE_SIZE} split slot_count", fwd,
+               attention.DECODE_CONFIGS, attend_paged(paged_decode, 1, num_splits=DECODE_SPLITS, slot_count=slot_count))
+
     lse_prefill = torch.zeros(1, Q_HEADS, PREFILL_TOKENS)
     lse_decode = torch.zeros(1, Q_HEADS, 1)
     columns = h2o._column_sums_kernel
@@ -248,6 +274,15 @@ def cases(D: int, dtype: torch.dtype) -> Iterator[Case]:
     yield Case(columns.__name__, f"decode S={CACHE_SLOTS + 1} slot_count", columns, h2o.COLUMN_SUM_CONFIGS,
                lambda config: h2o.attention_column_sums(decode[0], decode[1], decode[3], lse_decode,
                                                         slot_count=slot_count, config=config))
+
+    paged_q, paged_k, _, paged_pos, _ = _paged(paged_decode)
+    paged_table = torch.arange(paged_k.shape[0], dtype=torch.int32)[None]
+    paged_slots = torch.tensor([[CACHE_SLOTS + PAGE_SIZE - 1]])
+    yield Case(columns.__name__, f"paged decode S={CACHE_SLOTS + PAGE_SIZE} page={PAGE_SIZE} slot_count", columns,
+               h2o.COLUMN_SUM_CONFIGS,
+               lambda config: h2o.paged_attention_column_sums(paged_q, paged_k, paged_pos, paged_table, lse_decode,
+                                                              query_slots=paged_slots, slot_count=slot_count,
+                                                              config=config))
 
     bands, window = 2, 64
     values = torch.zeros(1, bands, 1)
@@ -267,6 +302,17 @@ def cases(D: int, dtype: torch.dtype) -> Iterator[Case]:
     compact = compaction._compact_slots_kernel
     yield Case(compact.__name__, f"evict 1 of {CACHE_SLOTS + 1}", compact, compaction.COMPACTION_CONFIGS,
                lambda config: compaction.compact_slots_(kv, pos, scores, destination, config=config))
+    # Paged: the same eviction in pages of the pool's layout [P, num_pages, page_size, H, D].
+    pages = (CACHE_SLOTS + PAGE_SIZE) // PAGE_SIZE
+    kv_pages = torch.zeros(2 * layers, pages, PAGE_SIZE, KV_HEADS, D, dtype=dtype)
+    pos_pages = torch.zeros(pages, PAGE_SIZE, dtype=torch.int64)
+    scores_pages = torch.zeros(pages, PAGE_SIZE)
+    table = torch.arange(pages, dtype=torch.int32)[None]
+    paged_destination = torch.zeros(1, PAGE_SIZE, dtype=torch.int64)
+    yield Case(compact.__name__, f"paged evict {PAGE_SIZE} of {CACHE_SLOTS + PAGE_SIZE} page={PAGE_SIZE}", compact,
+               compaction.COMPACTION_CONFIGS,
+               lambda config: compaction.paged_compact_slots_(kv_pages, pos_pages, scores_pages, table,
+                                                              paged_destination, config=config))
 
 
 def compile_all(arch: int, dtype_name: str, head_dim: int, only: str | None = None) -> list[ConfigReport]:

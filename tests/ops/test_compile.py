@@ -97,10 +97,10 @@ def every_op(q, k, v, pos, query_slots, prev_k, prev_v, values, ring, count, wei
     return (*attention, without.out, column_sums, score, destination)
 
 
-def test_every_op_traces_as_one_graph_equal_to_eager(backend):
-    generator = torch.Generator().manual_seed(1)
-    dev = device()
-    inputs = (*attention_inputs(generator, dev), *zscore_inputs(generator, dev), *eviction_inputs(generator, dev)[:3])
+def assert_one_graph_equal_to_eager(fn, inputs, op_names):
+    """``fn`` compiled with ``fullgraph=True`` traces to one graph holding each of ``op_names`` as one node,
+    and gives exactly eager's outputs and mutated inputs (each side runs on its own clones). Returns
+    eager's outputs."""
     graphs = []
 
     def capture(graph_module, example_inputs):
@@ -108,17 +108,27 @@ def test_every_op_traces_as_one_graph_equal_to_eager(backend):
         return graph_module.forward
 
     eager_inputs = [x.clone() for x in inputs]
-    expected = every_op(*eager_inputs)
+    expected = fn(*eager_inputs)
     compiled_inputs = [x.clone() for x in inputs]
-    actual = torch.compile(every_op, backend=capture, fullgraph=True)(*compiled_inputs)
+    actual = torch.compile(fn, backend=capture, fullgraph=True)(*compiled_inputs)
 
     assert len(graphs) == 1
     targets = {str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"}
-    for name in ("slot_attention", "attention_column_sums", "rolling_zscore", "compact_slots_"):
+    for name in op_names:
         assert f"epikv_triton.{name}.default" in targets, f"{name} is not one node of the graph"
     for what, mine, ref in zip(("outputs", "mutated inputs"), (actual, compiled_inputs), (expected, eager_inputs)):
         for index, (a, e) in enumerate(zip(mine, ref)):
             torch.testing.assert_close(a, e, rtol=0, atol=0, equal_nan=True, msg=f"{what} {index} differ")
+    return expected
+
+
+def test_every_op_traces_as_one_graph_equal_to_eager(backend):
+    generator = torch.Generator().manual_seed(1)
+    dev = device()
+    inputs = (*attention_inputs(generator, dev), *zscore_inputs(generator, dev), *eviction_inputs(generator, dev)[:3])
+    assert_one_graph_equal_to_eager(
+        every_op, inputs, ("slot_attention", "attention_column_sums", "rolling_zscore", "compact_slots_")
+    )
 
 
 # --------------------------------------------------------------------------- #
