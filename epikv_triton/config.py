@@ -38,6 +38,8 @@ class EpiKVConfig:
     * ``evict_every``: compact once the cache holds ``budget + evict_every`` tokens.
     * ``lag_chunk``: chunk length ``C`` of ``lag_kv``.
     * ``seed``: seed of ``random``.
+    * ``value_reserve``: slots per sequence kept, after the protected ones, for the tokens with the largest
+      value vectors (the largest ``‖v‖`` over layers and KV heads); 0 = none. Taken from the budget.
     """
 
     budget: int = 4096
@@ -51,6 +53,7 @@ class EpiKVConfig:
     evict_every: int = 1
     lag_chunk: int = 128
     seed: int = 0
+    value_reserve: int = 0
 
     def __post_init__(self) -> None:
         method = registry.lookup(self.method)  # raises, listing the registered methods
@@ -58,7 +61,7 @@ class EpiKVConfig:
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name in ("sink", "seed"):
+        for name in ("sink", "seed", "value_reserve"):
             value = getattr(self, name)
             if not _is_int(value) or value < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {value!r}")
@@ -78,6 +81,10 @@ class EpiKVConfig:
             raise ValueError(
                 f"budget ({self.budget}) is smaller than the protected tokens (sink {self.sink} + recent "
                 f"{self.recent} = {self.sink + self.recent}): raise the budget or lower sink/recent"
+            )
+        if self.value_reserve > self.budget:
+            raise ValueError(
+                f"value_reserve ({self.value_reserve}) is more than the budget ({self.budget}): lower it"
             )
         if self.weights is None:
             object.__setattr__(self, "weights", method.weights)

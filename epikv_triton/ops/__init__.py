@@ -240,6 +240,8 @@ def select_slots(
     *,
     protect_prefix: int | Sequence[int] | torch.Tensor,
     recent: int,
+    reserve: int = 0,
+    reserve_scores: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Which slots each sequence keeps: at most ``budget``, the protected ones first, then the highest scores.
 
@@ -264,13 +266,22 @@ def select_slots(
             caller must guarantee ``max(prefix) + recent <= budget``.
         recent (int):
             The newest positions always kept.
+        reserve (int):
+            Unprotected slots kept next, before any score, for the highest ``reserve_scores`` (ties: the
+            older); 0 = none.
+        reserve_scores (torch.Tensor, optional):
+            ``[B, S]`` floats like ``scores`` (for example each slot's largest value norm); needed when
+            ``reserve > 0``.
 
     Returns:
         torch.Tensor:
             ``keep [B, S]`` bool with ``min(budget, S, real tokens)`` kept slots per row.
     """
-    check_select(scores, pos, budget, protect_prefix, recent)
-    return selection.select_slots(scores, pos, budget, protect_prefix=protect_prefix, recent=recent)
+    check_select(scores, pos, budget, protect_prefix, recent, reserve, reserve_scores)
+    return selection.select_slots(
+        scores, pos, budget, protect_prefix=protect_prefix, recent=recent, reserve=reserve,
+        reserve_scores=reserve_scores,
+    )
 
 
 def compaction_plan(keep: torch.Tensor, fill: int) -> torch.Tensor:

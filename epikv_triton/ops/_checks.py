@@ -324,11 +324,21 @@ def check_select(
     budget: int,
     protect_prefix: int | Sequence[int] | torch.Tensor,
     recent: int,
+    reserve: int = 0,
+    reserve_scores: torch.Tensor | None = None,
 ) -> None:
     require_tensor("scores", scores, 2, FLOAT_DTYPES)
     require_tensor("pos", pos, 2, INT_DTYPES)
     require_same_device(scores=scores, pos=pos)
     require_shape("pos", pos, scores.shape, "[B, S] like scores")
+    if not isinstance(reserve, int) or isinstance(reserve, bool) or reserve < 0:
+        raise ValueError(f"reserve must be a non-negative int, got {reserve!r}")
+    if reserve > 0:
+        if reserve_scores is None:
+            raise ValueError(f"reserve={reserve} needs reserve_scores [B, S] to choose the reserved slots")
+        require_tensor("reserve_scores", reserve_scores, 2, FLOAT_DTYPES)
+        require_same_device(scores=scores, reserve_scores=reserve_scores)
+        require_shape("reserve_scores", reserve_scores, scores.shape, "[B, S] like scores")
     B = scores.shape[0]
     if not isinstance(budget, int) or budget < 1:
         raise ValueError(f"budget must be a positive int, got {budget!r}")

@@ -24,6 +24,8 @@ def select_slots(
     *,
     protect_prefix: int | Sequence[int] | torch.Tensor,
     recent: int,
+    reserve: int = 0,
+    reserve_scores: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``[B, S]`` bool: the slots each sequence keeps.
 
@@ -37,30 +39,44 @@ def select_slots(
     valid = pos >= 0
     if dropped == 0:
         return valid
-    key = _keep_priority(scores, pos, valid, _per_sequence(protect_prefix, B, pos.device), recent)
+    key = _keep_priority(
+        scores, pos, valid, _per_sequence(protect_prefix, B, pos.device), recent, reserve, reserve_scores
+    )
     lowest = torch.topk(key, dropped, dim=1, largest=False, sorted=False).indices
     return valid.scatter(1, lowest, False)
 
 
 def _keep_priority(
-    scores: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor, prefix: torch.Tensor, recent: int
+    scores: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor, prefix: torch.Tensor, recent: int,
+    reserve: int, reserve_scores: torch.Tensor | None,
 ) -> torch.Tensor:
     """``[B, S]`` int64, distinct for the real slots of a row: higher = kept first.
 
-    Protected slots rank above every score, padding below everything; between
-    them, the float32 score's ordered bit pattern (NaN lowest, ``-0.0`` equal
-    to ``0.0``), then the older position.
+    Protected slots rank above everything, then the ``reserve`` unprotected real
+    slots with the highest ``reserve_scores``, then every other slot by the
+    float32 score's ordered bit pattern (NaN lowest, ``-0.0`` equal to ``0.0``);
+    padding below everything. Ties go to the older position.
     """
-    # Adding 0.0 turns -0.0 into 0.0, so the two compare equal as floats do.
-    bits = (scores.float() + 0.0).view(torch.int32).to(torch.int64)
-    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits) + 2**31  # monotone in the float, in [0, 2^32)
-    ordered = torch.where(torch.isnan(scores), 0, ordered)
     seen = pos.max(dim=1, keepdim=True).values + 1
     protected = (pos < prefix[:, None]) | (pos >= seen - recent)
-    tier = torch.where(protected, _SCORE_LEVELS, ordered)
-    younger = pos.clamp(min=0, max=2**_POSITION_BITS - 1)
-    priority = tier * 2**_POSITION_BITS + (2**_POSITION_BITS - 1 - younger)
+    tier = torch.where(protected, _SCORE_LEVELS + 1, _ordered(scores))
+    older_first = 2**_POSITION_BITS - 1 - pos.clamp(min=0, max=2**_POSITION_BITS - 1)
+    if reserve > 0:
+        rank = torch.where(valid & ~protected, _ordered(reserve_scores) * 2**_POSITION_BITS + older_first, -1)
+        top = torch.topk(rank, min(reserve, rank.shape[1]), dim=1, sorted=False)
+        # A row with fewer candidates than the reserve tops up with non-candidates (-1): not reserved.
+        reserved = torch.zeros_like(valid).scatter(1, top.indices, top.values >= 0)
+        tier = torch.where(reserved, _SCORE_LEVELS, tier)
+    priority = tier * 2**_POSITION_BITS + older_first
     return torch.where(valid, priority, -1)
+
+
+def _ordered(x: torch.Tensor) -> torch.Tensor:
+    """``[B, S]`` int64 in ``[0, 2^32)``, monotone in the float32 value: NaN at 0, ``-0.0`` equal to ``0.0``."""
+    # Adding 0.0 turns -0.0 into 0.0, so the two compare equal as floats do.
+    bits = (x.float() + 0.0).view(torch.int32).to(torch.int64)
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits) + 2**31
+    return torch.where(torch.isnan(x), 0, ordered)
 
 
 def _per_sequence(value: int | Sequence[int] | torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:

@@ -17,7 +17,8 @@ import torch.distributed as dist
 
 class RankGroup:
     """The ranks of ``group`` (a ``torch.distributed`` process group of tensor-parallel ranks), or one process
-    when ``group`` is ``None``. ``bytes_received`` counts what :meth:`mean` gathered from the other ranks."""
+    when ``group`` is ``None``. ``bytes_received`` counts what :meth:`mean` and :meth:`max` gathered from the
+    other ranks."""
 
     def __init__(self, group: dist.ProcessGroup | None = None):
         self.group = group
@@ -32,14 +33,25 @@ class RankGroup:
         """
         if self.size == 1:
             return x
-        x = x.detach().contiguous()
-        parts = [torch.empty_like(x) for _ in range(self.size)]
-        dist.all_gather(parts, x, group=self.group)
-        self.bytes_received += (self.size - 1) * x.numel() * x.element_size()
+        parts = self._gather(x)
         total = parts[0].clone()
         for part in parts[1:]:
             total += part
         return total / self.size
+
+    def max(self, x: torch.Tensor) -> torch.Tensor:
+        """The elementwise maximum of ``x`` over the ranks (exact, so the same on every rank and equal to the
+        maximum over every head on one device); ``x`` itself on one process. One all-gather, as :meth:`mean`."""
+        if self.size == 1:
+            return x
+        return torch.stack(self._gather(x)).amax(dim=0)
+
+    def _gather(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = x.detach().contiguous()
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        dist.all_gather(parts, x, group=self.group)
+        self.bytes_received += (self.size - 1) * x.numel() * x.element_size()
+        return parts
 
 
 #: One process: :meth:`RankGroup.mean` returns its argument and counts nothing.

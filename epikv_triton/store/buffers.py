@@ -65,6 +65,11 @@ class SlotBuffers:
         planes = self.kv.view(2 * L, B, H, capacity, D)[:, :, :, :used]
         ops.compact_slots_(planes, self.pos[:, :used], self.scores[:, :used], destination)
 
+    def largest_value_norms(self, used: int) -> torch.Tensor:
+        """``[B, used]`` float32: each slot's largest ``‖v‖`` over layers and KV heads."""
+        values = self.kv[1, :, :, :, :used]  # [L, B, Hkv, used, D]
+        return torch.linalg.vector_norm(values.float(), dim=-1).amax(dim=(0, 2))
+
     def kept_positions(self, fill: int) -> list[list[int]]:
         """Sorted real positions of each sequence's first ``fill`` slots."""
         return [sorted(p for p in row if p >= 0) for row in self.pos[:, :fill].tolist()]

@@ -220,7 +220,7 @@ class CompiledChunk(Chunk):
         evicted and slots moved."""
         buffers, budget = self.store.buffers, self.store.config.budget
         capacity = buffers.capacity
-        keep, real_before, destination = self.store.plan_eviction(buffers.pos, buffers.scores, budget)
+        keep, real_before, destination = self.store.plan_eviction(capacity, budget)
         destination = torch.where(due, destination, -1)
         tail_pos, tail_scores = buffers.pos[:, budget:].clone(), buffers.scores[:, budget:].clone()
         buffers.compact(capacity, destination)

@@ -131,13 +131,18 @@ class RetentionPolicy:
         return self.config.evicts and fill >= self.config.budget + self.config.evict_every
 
     def plan(
-        self, pos: torch.Tensor, scores: torch.Tensor, fill_after: int
+        self, pos: torch.Tensor, scores: torch.Tensor, fill_after: int, largest_values: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Which of the slots ``pos``/``scores [B, used]`` stay: the kept mask ``[B, used]``, the real tokens
-        before ``[B]`` and the compaction plan ``[B, used - fill_after]`` (see :func:`ops.compaction_plan`)."""
+        before ``[B]`` and the compaction plan ``[B, used - fill_after]`` (see :func:`ops.compaction_plan`).
+        ``largest_values [B, used]`` (each slot's largest value norm) chooses the value reserve, when the
+        config has one."""
         config = self.config
         protect = self.protected_prefix(pos.device)
-        keep = ops.select_slots(scores, pos, config.budget, protect_prefix=protect, recent=config.recent)
+        keep = ops.select_slots(
+            scores, pos, config.budget, protect_prefix=protect, recent=config.recent, reserve=config.value_reserve,
+            reserve_scores=largest_values,
+        )
         return keep, (pos >= 0).sum(dim=1), ops.compaction_plan(keep, fill_after)
 
 

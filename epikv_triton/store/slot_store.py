@@ -175,19 +175,25 @@ class SlotStore:
         used = self.counters.fill
         fill = min(self.config.budget, used)
         buffers = self.buffers
-        keep, real_before, destination = self.plan_eviction(buffers.pos[:, :used], buffers.scores[:, :used], fill)
+        keep, real_before, destination = self.plan_eviction(used, fill)
         buffers.compact(used, destination)
         self.sequences.count_eviction(real_before - keep.sum(dim=1), (destination >= 0).sum(dim=1))
         self.counters.evicted(fill)
         self.counters.publish(self.sequences.seen.device)
 
-    def plan_eviction(
-        self, pos: torch.Tensor, scores: torch.Tensor, fill_after: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The policy's plan (:meth:`~.policy.RetentionPolicy.plan`) from ``scores`` averaged over the
-        tensor-parallel ranks: every rank selects from the same bits, so every rank keeps the same tokens. The
-        stored scores stay the rank's own (a mean is linear, so accumulating them stays correct)."""
-        return self.policy.plan(pos, self.ranks.mean(scores), fill_after)
+    def plan_eviction(self, used: int, fill_after: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The policy's plan (:meth:`~.policy.RetentionPolicy.plan`) over the first ``used`` slots, from the
+        scores averaged over the tensor-parallel ranks: every rank selects from the same bits, so every rank
+        keeps the same tokens. The stored scores stay the rank's own (a mean is linear, so accumulating them
+        stays correct). With a value reserve, each slot's largest value norm is read from the buffer (one pass
+        over every layer's values) and its maximum over the ranks taken, exact on every rank."""
+        buffers = self.buffers
+        largest_values = None
+        if self.config.value_reserve:
+            largest_values = self.ranks.max(buffers.largest_value_norms(used))
+        return self.policy.plan(
+            buffers.pos[:, :used], self.ranks.mean(buffers.scores[:, :used]), fill_after, largest_values
+        )
 
     # ------------------------------------------------------------ inspection
     @property

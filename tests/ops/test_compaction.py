@@ -121,6 +121,45 @@ def test_select_slots_ties_keep_the_older_token_wherever_it_sits():
     assert sorted(pos[keep].tolist()) == [0, 1, 2, 5]
 
 
+def test_select_slots_reserve_keeps_the_largest_values_before_any_score():
+    """Slots 2..6 are unprotected; the two with the largest reserve scores (slots 5 and 3) are kept although
+    they score lowest, then the best score (slot 2); the protected slots 0, 1 and 7 stay whatever their values."""
+    scores = torch.tensor([[0.0, 0.0, 5.0, -3.0, 4.0, -2.0, 3.0, 0.0]], device=device())
+    values = torch.tensor([[99.0, 99.0, 1.0, 7.0, 2.0, 8.0, 1.0, 99.0]], device=device())
+    pos = torch.arange(8, device=device())[None]
+    keep = ops.select_slots(scores, pos, 6, protect_prefix=2, recent=1, reserve=2, reserve_scores=values)
+    assert keep.nonzero()[:, 1].tolist() == [0, 1, 2, 3, 5, 7]
+    unreserved = ops.select_slots(scores, pos, 6, protect_prefix=2, recent=1)
+    assert unreserved.nonzero()[:, 1].tolist() == [0, 1, 2, 4, 6, 7]
+
+
+def test_select_slots_reserve_ties_keep_the_older_and_never_take_padding():
+    """Equal values: the older token, wherever it sits; a reserve larger than the candidates reserves only
+    real unprotected slots (padding at position -1 is never kept)."""
+    scores = torch.zeros(1, 7, device=device())
+    values = torch.tensor([[0.0, 3.0, 3.0, 3.0, 9.0, 0.0, 9.0]], device=device())
+    pos = torch.tensor([[0, 4, 2, 3, 1, 5, -1]], device=device())
+    keep = ops.select_slots(scores - 1, pos, 4, protect_prefix=1, recent=1, reserve=2, reserve_scores=values)
+    assert sorted(pos[keep].tolist()) == [0, 1, 2, 5]  # position 1 (value 9), then 2 before 3 and 4
+    keep = ops.select_slots(scores, pos, 6, protect_prefix=1, recent=1, reserve=10, reserve_scores=values)
+    assert sorted(pos[keep].tolist()) == [0, 1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"reserve": 2}, "needs reserve_scores"),
+        ({"reserve": -1, "reserve_scores": torch.zeros(1, 4)}, "reserve must be a non-negative int"),
+        ({"reserve": 1, "reserve_scores": torch.zeros(1, 3)}, "reserve_scores must have shape"),
+        ({"reserve": 1, "reserve_scores": torch.zeros(1, 4, dtype=torch.int64)}, "reserve_scores"),
+    ],
+)
+def test_select_slots_reserve_rejects_bad_input(settings, message):
+    scores, pos = torch.zeros(1, 4), torch.arange(4)[None]
+    with pytest.raises(ValueError, match=message):
+        ops.select_slots(scores, pos, 3, protect_prefix=1, recent=1, **settings)
+
+
 # ----------------------------------------------------------------------------
 # compaction_plan
 # ----------------------------------------------------------------------------

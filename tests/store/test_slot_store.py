@@ -116,6 +116,21 @@ def test_every_eviction_keeps_budget_slots_and_attention_stays_exact(method):
     assert store.stats().eviction_passes > 0
 
 
+def test_a_value_reserve_keeps_the_tokens_with_the_largest_values():
+    """``streaming`` drops positions 3 and 5; with a reserve of 2 they stay, because one layer's value at one
+    head is far larger there than anywhere else, and attention stays exact over what was kept."""
+    store = streaming_store(value_reserve=2)
+    stream = Stream(store, batch=1, seed=2)
+    stream.chunk(9)  # slots 0..8 hold positions 0..8: nothing is evicted below the budget of 12
+    for position, layer, head in ((3, 0, 1), (5, 1, 0)):
+        store.buffers.kv[1, layer, 0, head, position] *= 50
+        stream.written[0][position][layer, 1, head] *= 50
+    for _ in range(16):
+        stream.chunk(1)
+    seen = stream.seen[0]
+    assert store.kept_positions()[0] == [0, 1, 3, 5] + list(range(seen - 8, seen))
+
+
 def test_a_chunk_longer_than_planned_grows_the_buffers_once_to_what_it_needs():
     store = streaming_store()
     stream = Stream(store, batch=1)
@@ -158,9 +173,12 @@ def test_misuse_is_refused_with_what_to_do():
     assert empty.stats().capacity == 0 and empty.kept_positions() == []
 
 
-def test_a_compiled_decode_step_over_the_store_equals_the_eager_one():
+@pytest.mark.parametrize("value_reserve", [0, 2])
+def test_a_compiled_decode_step_over_the_store_equals_the_eager_one(value_reserve):
     """The same store interface under ``torch.compile``: device counters, one graph, the eager result."""
-    config = EpiKVConfig(method="knorm", budget=8, recent=2, keep_prompt=False, evict_every=2)
+    config = EpiKVConfig(
+        method="knorm", budget=8, recent=2, keep_prompt=False, evict_every=2, value_reserve=value_reserve
+    )
     generator = torch.Generator().manual_seed(3)
     steps = [[torch.randn(1, HEADS, 1, DIM, generator=generator) for _ in range(3 * LAYERS)] for _ in range(14)]
     prompt = [torch.randn(1, HEADS, 5, DIM, generator=generator) for _ in range(3 * LAYERS)]
@@ -181,6 +199,7 @@ def test_a_compiled_decode_step_over_the_store_equals_the_eager_one():
         outputs = [step_function(store, tensors, torch.tensor([[5 + i]])) for i, tensors in enumerate(steps)]
         return torch.stack(outputs), store
 
+    torch._dynamo.reset()  # the other parametrisation compiled `step` under another config
     with torch.no_grad():
         expected, eager = run(step)
         with torch._dynamo.config.patch(error_on_recompile=True):
