@@ -28,6 +28,16 @@ def budget_fraction(text: str) -> float:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..cli import method_name, positive_int
 
@@ -49,6 +59,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated cases and texts (default 0)")
     parser.add_argument("--chunk", type=positive_int, default=32, help="tokens per forward reading a prompt or text")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="sequences per forward (default 16)")
+    parser.add_argument(
+        "--value-reserve", type=non_negative_int, default=0, metavar="N",
+        help="every policy keeps N slots (at most its budget) for the tokens with the largest values (default 0)",
+    )
     parser.add_argument("--plot", metavar="PATH", help="also plot each metric against the budget (needs matplotlib)")
     parser.add_argument("--model", default="smollm2", help="'smollm2' (default), a local model folder, or a hub id")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -78,14 +92,16 @@ def measure(args) -> dict:
     fractions = args.budget or DEFAULT_FRACTIONS
     session = open_session(args, args.model)
     patching.check_supported(session.loaded.model)
-    runner = Runner(session.loaded.model, session.loaded.tokenizer, chunk=args.chunk, batch_size=args.batch_size)
+    runner = Runner(session.loaded.model, session.loaded.tokenizer, chunk=args.chunk, batch_size=args.batch_size,
+                    value_reserve=args.value_reserve)
     start = time.perf_counter()
     results = run_suite(runner, tasks, methods, fractions, seed=args.seed, quick=args.quick)
     report = {
         "command": "quality", "model": session.loaded.name, "device": str(session.device),
         "dtype": str(session.dtype).removeprefix("torch."),
         "settings": {"tasks": tasks, "methods": methods, "fractions": list(fractions), "quick": args.quick,
-                     "seed": args.seed, "chunk": args.chunk, "batch_size": args.batch_size},
+                     "seed": args.seed, "chunk": args.chunk, "batch_size": args.batch_size,
+                     "value_reserve": args.value_reserve},
         "seconds": time.perf_counter() - start,
     }
     summaries = [(result, summarize(result, seed=args.seed)) for result in results]
@@ -109,8 +125,10 @@ def replay(args) -> dict:
 def present(report: dict, summaries: list, plot_path: str | None) -> None:
     """Print the run's header and tables; plot them to ``plot_path`` when given."""
     settings = report["settings"]
+    reserve = f", value_reserve={settings['value_reserve']}" if settings.get("value_reserve") else ""
     print(f"\n{report['model']} on {report['device']} ({report['dtype']}), prompts read {settings['chunk']} tokens "
-          f"at a time, keep_prompt=False; 95% paired bootstrap intervals over cases; {report['seconds']:.0f} s")
+          f"at a time, keep_prompt=False{reserve}; 95% paired bootstrap intervals over cases; "
+          f"{report['seconds']:.0f} s")
     for result, rows in summaries:
         print("\n" + tables(result, rows))
     if plot_path:

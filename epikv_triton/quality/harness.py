@@ -102,13 +102,14 @@ def progress(total: int, description: str, enabled: bool = True):
 @dataclass
 class Runner:
     """The model under test and how it is driven: prompts read ``chunk`` tokens at a time, ``batch_size``
-    sequences per call."""
+    sequences per call; every policy with ``value_reserve`` slots (at most its budget) for the largest values."""
 
     model: torch.nn.Module
     tokenizer: object
     chunk: int = 32
     batch_size: int = 16
     show_progress: bool = True
+    value_reserve: int = 0
 
     @property
     def device(self) -> torch.device:
@@ -134,7 +135,10 @@ class Runner:
         """
         import epikv_triton
 
-        epikv_triton.patch(self.model, budget=budget, method=policy.method, keep_prompt=False)
+        epikv_triton.patch(
+            self.model, budget=budget, method=policy.method, keep_prompt=False,
+            value_reserve=min(self.value_reserve, budget),
+        )
         try:
             yield
         finally:

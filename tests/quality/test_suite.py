@@ -110,6 +110,21 @@ def test_a_saved_run_replays_to_the_same_tables_and_json(model_folder, tmp_path,
     assert json.loads(second.read_text()) == json.loads(first.read_text())
 
 
+def test_a_value_reserve_reaches_every_policy_and_the_saved_settings(runner, model_folder, tmp_path, capsys):
+    from epikv_triton.integrations.state import state_of
+
+    reserved = dataclasses.replace(runner, value_reserve=10)
+    with reserved.patched(Policy("epikv", 0.5), budget=16):
+        assert state_of(reserved.model).config.value_reserve == 10
+    with reserved.patched(Policy("streaming", 0.5), budget=8):
+        assert state_of(reserved.model).config.value_reserve == 8  # at most the budget
+    path = tmp_path / "quality.json"
+    assert cli.main(["quality", "--model", str(model_folder), "--quick", "--task", "text", "--value-reserve", "3",
+                     "--json", str(path)]) == 0
+    assert "value_reserve=3" in capsys.readouterr().out
+    assert json.loads(path.read_text())["settings"]["value_reserve"] == 3
+
+
 def test_a_file_that_is_not_a_saved_run_is_one_line(tmp_path, capsys):
     path = tmp_path / "other.json"
     path.write_text('{"tasks": [{"task": "text"}]}')
@@ -124,6 +139,7 @@ def test_a_file_that_is_not_a_saved_run_is_one_line(tmp_path, capsys):
         (["--budget", "quarter"], "expected a fraction"),
         (["--task", "poetry"], "invalid choice"),
         (["--method", "magic"], "unknown method"),
+        (["--value-reserve", "-2"], "expected a non-negative integer"),
     ],
 )
 def test_bad_input_is_one_line(arguments, message, capsys):
