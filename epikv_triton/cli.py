@@ -29,12 +29,20 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def positive_int(text: str) -> int:
+    return _integer(text, "positive", 1)
+
+
+def non_negative_int(text: str) -> int:
+    return _integer(text, "non-negative", 0)
+
+
+def _integer(text: str, kind: str, least: int) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"expected a {kind} integer, got {text!r}") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be a {kind} integer, got {value}")
     return value
 
 

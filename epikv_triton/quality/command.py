@@ -28,18 +28,8 @@ def budget_fraction(text: str) -> float:
     return value
 
 
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..cli import method_name, positive_int
+    from ..cli import method_name, non_negative_int, positive_int
 
     parser.add_argument("--task", action="append", choices=list(TASKS), help="task to run (repeatable; default: all)")
     parser.add_argument(

@@ -139,7 +139,7 @@ def test_a_file_that_is_not_a_saved_run_is_one_line(tmp_path, capsys):
         (["--budget", "quarter"], "expected a fraction"),
         (["--task", "poetry"], "invalid choice"),
         (["--method", "magic"], "unknown method"),
-        (["--value-reserve", "-2"], "expected a non-negative integer"),
+        (["--value-reserve", "-2"], "non-negative integer"),
     ],
 )
 def test_bad_input_is_one_line(arguments, message, capsys):
