@@ -25,7 +25,7 @@ class EpiKVConfig:
 
     * ``budget``: kept tokens per sequence (padding never counts).
     * ``method``: a registered method (``scoring.method_names()``; the README's
-      method table says what each keeps); ``epikv`` by default.
+      method table says what each keeps); ``scoring.DEFAULT_METHOD`` (``tova``) by default.
     * ``window``: rolling z-score window ``W``.
     * ``bands``: ``(band_a_layers, band_b_layers)``; ``None`` = the method's default (fractions of depth).
       A band may be empty when its weight is 0 (a calibrated score over one band).
@@ -85,6 +85,12 @@ class EpiKVConfig:
         if self.value_reserve > self.budget:
             raise ValueError(
                 f"value_reserve ({self.value_reserve}) is more than the budget ({self.budget}): lower it"
+            )
+        if not method.uses_bands and (self.bands is not None or self.weights not in (None, method.weights)):
+            banded = ", ".join(name for name in registry.method_names() if registry.lookup(name).uses_bands)
+            raise ValueError(
+                f"bands and weights apply to the methods that score over layer bands ({banded}); method "
+                f"{self.method!r} has none: pass method='epikv' (or another of those) with them, or drop them"
             )
         if self.weights is None:
             object.__setattr__(self, "weights", method.weights)

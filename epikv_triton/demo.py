@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .cli import Session, UsageError, encode_prompt, open_session
+from .scoring import DEFAULT_METHOD
 
 DEFAULT_PROMPT = (
     "A farmer has 17 sheep, buys 3 times as many goats as sheep, then sells 12 goats and "
@@ -41,7 +42,7 @@ def run_generate(args) -> dict:
     for flag in ("model", "method", "budget"):
         if len(getattr(args, flag) or []) > 1:
             raise UsageError(f"generate takes one --{flag}; use compare for several")
-    method = (args.method or ["epikv"])[0]
+    method = (args.method or [DEFAULT_METHOD])[0]
     budget = (args.budget or [128])[0]
     new_tokens = args.max_new_tokens or 200
     session = open_session(args, (args.model or ["smollm2"])[0])

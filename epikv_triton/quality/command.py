@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import standings
 from .harness import Runner
 from .report import as_json, check_plotting, plot, summarize, tables, task_result
 from .suite import TASKS, run_suite
@@ -95,8 +96,7 @@ def measure(args) -> dict:
         "seconds": time.perf_counter() - start,
     }
     summaries = [(result, summarize(result, seed=args.seed)) for result in results]
-    present(report, summaries, args.plot)
-    return {**report, "tasks": [as_json(result, rows) for result, rows in summaries]}
+    return present(report, summaries, args.plot)
 
 
 def replay(args) -> dict:
@@ -108,12 +108,12 @@ def replay(args) -> dict:
     except (json.JSONDecodeError, KeyError, TypeError) as error:
         raise ValueError(f"{args.saved} is not a run saved by 'epikv-triton quality --json' ({error!r})") from None
     summaries = [(result, summarize(result, seed=seed)) for result in results]
-    present(saved, summaries, args.plot)
-    return {**saved, "tasks": [as_json(result, rows) for result, rows in summaries]}
+    return present(saved, summaries, args.plot)
 
 
-def present(report: dict, summaries: list, plot_path: str | None) -> None:
-    """Print the run's header and tables; plot them to ``plot_path`` when given."""
+def present(report: dict, summaries: list, plot_path: str | None) -> dict:
+    """Print the run's header, tables and standings; plot them to ``plot_path`` when given. Returns the run as
+    JSON (the summaries and standings recomputed, so a replay of an older save gains them)."""
     settings = report["settings"]
     reserve = f", value_reserve={settings['value_reserve']}" if settings.get("value_reserve") else ""
     print(f"\n{report['model']} on {report['device']} ({report['dtype']}), prompts read {settings['chunk']} tokens "
@@ -121,6 +121,11 @@ def present(report: dict, summaries: list, plot_path: str | None) -> None:
           f"{report['seconds']:.0f} s")
     for result, rows in summaries:
         print("\n" + tables(result, rows))
+    ranked = standings.standings(summaries)
+    if ranked:
+        print("\n" + standings.standings_table(ranked))
     if plot_path:
         plot(summaries, plot_path, f"{report['model']}: eviction quality against budget")
         print(f"Wrote {plot_path}", file=sys.stderr)
+    return {**report, "tasks": [as_json(result, rows) for result, rows in summaries],
+            "standings": standings.as_json(ranked)}

@@ -74,14 +74,15 @@ def test_calibrate_end_to_end_gives_a_config_patch_accepts():
     assert 0.0 <= calibration.objective <= 1.0
     inputs = prompts(2)
     by_config = greedy(patched_copy(model, config=EpiKVConfig.from_json(config.to_json())), inputs, 60)
-    by_keywords_model = patched_copy(model, budget=32, recent=8, bands=config.bands, weights=config.weights)
+    by_keywords_model = patched_copy(model, method="epikv", budget=32, recent=8, bands=config.bands,
+                                     weights=config.weights)
     by_keywords = greedy(by_keywords_model, inputs, 60)
     assert torch.equal(by_config, by_keywords)
 
 
 def test_an_empty_band_of_weight_zero_keeps_what_a_band_of_weight_zero_keeps():
     def kept(bands, weights):
-        model = patched_copy(tiny_model("llama"), budget=16, recent=4, bands=bands, weights=weights)
+        model = patched_copy(tiny_model("llama"), method="epikv", budget=16, recent=4, bands=bands, weights=weights)
         steps = record_steps(model)
         greedy(model, prompts(2), 40)
         return [step["kept"] for step in steps]

@@ -60,9 +60,9 @@ def test_unsupported_model_type_lists_supported_ones():
 def test_model_too_shallow_for_default_bands_names_the_fix():
     shallow = tiny_model("llama", num_layers=4)
     with pytest.raises(ValueError, match=r"overlap.*bands=\(\[\.\.\.\], \[\.\.\.\]\)"):
-        epikv_triton.patch(shallow)
+        epikv_triton.patch(shallow, method="epikv")
     assert shallow.config._attn_implementation == "sdpa"  # a failed patch leaves the model untouched
-    model = epikv_triton.patch(tiny_model("llama", num_layers=4), bands=([1], [3]))
+    model = epikv_triton.patch(tiny_model("llama", num_layers=4), method="epikv", bands=([1], [3]))
     assert greedy(model, prompts(1), 3).shape == (1, 15)
 
 

@@ -14,7 +14,7 @@ from .reference import masked_reference, record_steps
 
 def test_triton_kernels_match_torch_twins_end_to_end(monkeypatch):
     model = tiny_model("llama", num_layers=2)
-    settings = dict(budget=8, recent=2, keep_prompt=False, bands=([0], [1]))
+    settings = dict(method="epikv", budget=8, recent=2, keep_prompt=False, bands=([0], [1]))
     inputs = prompts(1, length=6)
     expected = greedy(patched_copy(model, **settings), inputs, 6)  # EPIKV_BACKEND=torch (conftest)
     monkeypatch.setenv("EPIKV_BACKEND", "triton")
@@ -28,7 +28,7 @@ def test_triton_eviction_equals_masking_reference(monkeypatch):
     model = tiny_model("llama", num_layers=2)
     inputs = prompts(2, length=8)
     monkeypatch.setenv("EPIKV_BACKEND", "triton")
-    patched = patched_copy(model, budget=8, recent=2, keep_prompt=False, bands=([0], [1]))
+    patched = patched_copy(model, method="epikv", budget=8, recent=2, keep_prompt=False, bands=([0], [1]))
     steps = record_steps(patched)
     generated = greedy(patched, inputs, 8)[:, 8:]
     assert steps[-1]["evictions"] >= 6 and all(m > 0 for m in steps[-1]["moved"])
