@@ -3,6 +3,7 @@
 * :mod:`.patching`: ``patch``, ``unpatch``, ``new_cache`` (the lifecycle);
 * :mod:`.forward`: the forward hooks and the ``"epikv"`` attention function;
 * :mod:`.generation`: the ``generate`` wrappers;
+* :mod:`.continuous_batching`: ``generate_batch`` (transformers' continuous batching), refused;
 * :mod:`.transformers_cache`: the transformers ``Cache`` over a slot store;
 * :mod:`.families`: the supported model families, one table;
 * :mod:`.state`: what a patch changed, on the modules;

@@ -29,9 +29,11 @@ class PatchState:
     windows: list[int | None]  # per layer: its sliding window or None
     cache_keyword: str  # what the installed transformers calls the cache argument
     original_attn_implementation: str
-    # The instance's own ``generate`` / ``prepare_inputs_for_generation`` attributes before patching, if any.
+    # The instance's own ``generate`` / ``prepare_inputs_for_generation`` / ``init_continuous_batching``
+    # attributes before patching, if any.
     own_generate: Any
     own_prepare_inputs: Any
+    own_init_continuous_batching: Any = None
     # The process group of the tensor-parallel ranks the model is sharded over, or None (see .placement).
     tensor_parallel_group: Any = None
     hooks: list[torch.utils.hooks.RemovableHandle] = field(default_factory=list)
