@@ -73,7 +73,8 @@ def patch(model: nn.Module, config: EpiKVConfig | None = None, **settings: Any) 
         original_attn_implementation=internals.attention_implementation(model),
         own_generate=vars(model).get("generate"),
         own_prepare_inputs=vars(model).get("prepare_inputs_for_generation"),
-        own_init_continuous_batching=vars(model).get(continuous_batching.ENTRY_POINT),
+        own_init_continuous_batching=vars(model).get("init_continuous_batching"),
+        own_generate_batch=vars(model).get("generate_batch"),
         tensor_parallel_group=tensor_parallel_group(model, layers),
     )
     AttentionInterface.register(forward.ATTENTION_NAME, forward.epikv_attention)
@@ -93,9 +94,10 @@ def patch(model: nn.Module, config: EpiKVConfig | None = None, **settings: Any) 
         prepare_inputs = state.own_prepare_inputs or type(model).prepare_inputs_for_generation.__get__(model)
         model.generate = generation.wrapper(generation.generate, state, model, generate)
         model.prepare_inputs_for_generation = generation.wrapper(generation.prepare_inputs, state, prepare_inputs)
-    if hasattr(model, continuous_batching.ENTRY_POINT):
-        entry = getattr(model, continuous_batching.ENTRY_POINT)
-        setattr(model, continuous_batching.ENTRY_POINT, generation.wrapper(continuous_batching.refuse, state, entry))
+    if hasattr(model, "init_continuous_batching"):
+        for name in ("init_continuous_batching", "generate_batch"):
+            own = getattr(model, name)  # the instance's own, or the class's bound to it
+            setattr(model, name, generation.wrapper(getattr(continuous_batching, name), state, model, own))
     setattr(model, STATE_ATTRIBUTE, state)
     return model
 
@@ -114,7 +116,8 @@ def unpatch(model: nn.Module) -> nn.Module:
     own_attributes = (
         ("generate", state.own_generate),
         ("prepare_inputs_for_generation", state.own_prepare_inputs),
-        (continuous_batching.ENTRY_POINT, state.own_init_continuous_batching),
+        ("init_continuous_batching", state.own_init_continuous_batching),
+        ("generate_batch", state.own_generate_batch),
     )
     for name, own in own_attributes:
         if name in vars(model):
