@@ -8,7 +8,8 @@ additions, all through :mod:`.engine`:
 1. Each request has a :class:`~.request_streams.RequestStream` (positions,
    scores, scorer state, policy: the decisions ``generate`` makes for that
    prompt alone). The decoder hooks of :mod:`.forward` hand it its slice of the
-   packed batch (this module's :class:`EngineSession` stands in for the cache).
+   packed batch (this module's :class:`EngineSession` stands in for the cache),
+   and so does the allocator's write for methods that read the new keys.
 2. When a request's stream says evict, its kept tokens' keys and values are
    copied into its lowest slots in every layer and its cached-token count drops
    to the budget, so it never holds more than ``ceil((budget + evict_every) /
@@ -24,9 +25,10 @@ additions, all through :mod:`.engine`:
 Prefix sharing and async batching are turned off (a shared page would be
 evicted under its other readers; an async engine prepares a batch before the
 previous one's eviction). What cannot be served exactly is refused before any
-work: methods whose scores need the attention's probabilities, key/value
-deltas or a rescoring of the cache (only ``epikv``, ``epikv_flat``,
-``streaming``, ``random`` and ``full`` score from what the engine exposes),
+work: methods whose scores need the attention's probabilities, the cache's
+keys beyond the new tokens or a rescoring of the cache (``h2o``, ``tova``,
+``snapkv``, ``rkv``, ``keydiff``, ``lag_kv``; :data:`SUPPORTED_METHODS` score
+from what the engine exposes),
 ``keep_prompt=False``, ``value_reserve``, sliding-window layers and
 tensor parallelism.
 """
@@ -44,8 +46,11 @@ from . import engine, internals
 from .request_streams import RequestStream
 from .state import PatchState
 
-#: Methods whose scores come from the residual stream or the positions alone, which the engine's forward exposes.
-SUPPORTED_METHODS = ("epikv", "epikv_flat", "streaming", "random", "full")
+#: Methods whose scores are fixed when a token arrives, from what the engine's forward exposes: the residual stream,
+#: the positions, or the new tokens' keys and values (:data:`KEY_METHODS`).
+SUPPORTED_METHODS = ("epikv", "epikv_flat", "kv", "knorm", "lag_kv", "streaming", "random", "full")
+#: The supported methods that read the new tokens' keys and values.
+KEY_METHODS = ("kv", "knorm", "lag_kv")
 
 
 @dataclass
@@ -83,6 +88,8 @@ class EngineSession:
         self.allocator = engine.full_attention_allocator(processor)
         engine.on_batch(processor, self.record_batch)
         engine.on_request_freed(self.allocator, self.forget)
+        if self.config.method in KEY_METHODS:
+            engine.on_keys(self.allocator, self.observe_keys)
         self.pool_pages = engine.pool_pages(self.allocator)
         if self.config.evicts:
             # The budget, and the tokens the cadence lets in before it evicts (a prompt is shorter: keep_prompt).
@@ -148,6 +155,17 @@ class EngineSession:
                 stream.observe_hidden(layer, hidden[:, start : start + request.query_length])
             start += request.query_length
 
+    def observe_keys(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Each request's slice of the packed ``[N, Hkv, D]`` keys and values layer ``layer`` writes."""
+        start = 0
+        for request, stream in self.running:
+            end = start + request.query_length
+            if stream is not None:
+                stream.observe_keys(
+                    layer, keys[start:end].transpose(0, 1)[None], values[start:end].transpose(0, 1)[None]
+                )
+            start = end
+
     def close_chunk(self) -> None:
         """Decoder forward hook: each request's scores fixed, and its eviction, when due, applied to its pages."""
         for request, stream in self.running:
@@ -190,8 +208,8 @@ def check_supported(state: PatchState) -> None:
     if config.method not in SUPPORTED_METHODS:
         raise NotImplementedError(
             f"continuous batching with method={config.method!r} is not supported on a model patched by epikv_triton: "
-            "its scores need what the engine's paged attention does not expose (attention probabilities, key/value "
-            f"deltas or a rescoring of the cache). Use one of {', '.join(SUPPORTED_METHODS)}, or {advice}"
+            "its scores need what the engine's paged attention does not expose (attention probabilities, or the "
+            f"whole cache's keys). Use one of {', '.join(SUPPORTED_METHODS)}, or {advice}"
         )
     if config.evicts and not config.keep_prompt:
         raise NotImplementedError(
@@ -235,7 +253,7 @@ def init_continuous_batching(
 ) -> Any:
     """The patched model's ``init_continuous_batching`` (``generate_batch`` calls it): a manager whose engine evicts."""
     check_supported(state)
-    config = engine.engine_config(continuous_batching_config)
+    config = engine.engine_config(continuous_batching_config, observe_keys=state.config.method in KEY_METHODS)
     attention = internals.attention_implementation(model)
     engine.switch_attention(model, state.original_attn_implementation)
     try:

@@ -14,7 +14,13 @@ of the integration, it is the one place that touches it. What it relies on:
   shifted back by its evictions in the forward (see :mod:`.continuous_batching`);
 * the allocator's ``get_read_indices(request, 0, n)`` names the physical rows of
   a request's first ``n`` cached tokens in every layer's token view
-  (``_kv_token_views``), and its ``block_table`` / ``pool`` own its pages.
+  (``_kv_token_views``), and its ``block_table`` / ``pool`` own its pages;
+  ``needs_new_blocks`` / ``allocate_cache_to_request`` are what the scheduler
+  asks before admitting or growing a request, ``update`` receives each layer's
+  new keys and values (off the decode fast path), ``free_blocks`` ends a request.
+
+Every hook is an attribute set on the engine's own objects (this manager, its
+processor, its allocator), never on a transformers class.
 """
 
 from __future__ import annotations
@@ -53,10 +59,11 @@ class ScheduledRequest:
         return getattr(self.state, "max_new_tokens", None)
 
 
-def engine_config(continuous_batching_config: Any) -> Any:
+def engine_config(continuous_batching_config: Any, observe_keys: bool) -> Any:
     """A copy of the caller's ``ContinuousBatchingConfig`` (or a default one) with prefix sharing and async batching
     off: a shared block would be evicted under its other readers, and an async engine prepares the next batch before
-    this one's eviction has shrunk its requests."""
+    this one's eviction has shrunk its requests. ``observe_keys``: the decode fast path is off too, since its
+    kernels write the keys themselves, past :func:`on_keys`."""
     from transformers import ContinuousBatchingConfig
 
     config = ContinuousBatchingConfig() if continuous_batching_config is None else copy.copy(continuous_batching_config)
@@ -67,6 +74,8 @@ def engine_config(continuous_batching_config: Any) -> Any:
         )
     config.allow_block_sharing = False
     config.use_async_batching = False
+    if observe_keys:
+        config.max_blocks_per_request = 0
     return config
 
 
@@ -124,6 +133,19 @@ def on_batch(processor: Any, record: Callable[[list[ScheduledRequest]], None]) -
         return prepare(*args, **kwargs)
 
     inputs.prepare_batch_tensors = prepare_and_record
+
+
+def on_keys(allocator: FullAttentionCacheAllocator, observe: Callable[[int, torch.Tensor, torch.Tensor], None]) -> None:
+    """Call ``observe(layer, keys, values)`` with each layer's new keys and values ``[N, Hkv, D]`` (the packed batch,
+    after RoPE) as the engine writes them."""
+    update = allocator.update
+
+    @functools.wraps(update)
+    def observe_and_update(key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any) -> Any:
+        observe(layer_idx, key_states, value_states)
+        return update(key_states, value_states, layer_idx, *args)
+
+    allocator.update = observe_and_update
 
 
 def engine_cache(kwargs: dict) -> PagedAttentionCache | None:

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import ops
 from ..config import EpiKVConfig
-from ..scoring import ChunkInfo, make_scorer
+from ..scoring import AttentionView, ChunkInfo, make_scorer
 from ..store.policy import RetentionPolicy
 
 
@@ -48,6 +49,7 @@ class RequestStream:
         self.scores = torch.empty(1, 0, dtype=torch.float32, device=device)
         self.seen = 0  # tokens read so far: the position of the next one
         self.chunk: ChunkInfo | None = None
+        self.previous_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per layer, the last token's K/V
 
     @property
     def dropped(self) -> int:
@@ -67,6 +69,25 @@ class RequestStream:
     def observe_hidden(self, layer: int, hidden: torch.Tensor) -> None:
         """``hidden [1, T, H]``: the output of decoder layer ``layer`` for this request's chunk."""
         self.scorer.observe_hidden(layer, hidden)
+
+    def observe_keys(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """``keys``/``values [1, Hkv, T, D]``: what layer ``layer`` writes for this request's chunk. The scorer sees a
+        view of these new tokens alone (all a score fixed at arrival reads); its key/value delta norms come from
+        :func:`ops.slot_attention` over them, as the store's attention computes them, from the previous chunk's
+        last token on."""
+        chunk = self.chunk
+        slots = torch.arange(keys.shape[2], device=keys.device)[None]
+        previous = self.previous_kv.get(layer, (None, None))
+        result = None
+        if self.scorer.wants_deltas:
+            result = ops.slot_attention(
+                keys, keys, values, chunk.positions, query_slots=slots, prev_k=previous[0], prev_v=previous[1],
+                with_deltas=True, check_positions=False,
+            )
+        view = AttentionView(keys, keys, values, chunk.positions, slots, None, None, result)
+        if self.scorer.observe_attention(layer, view) is not None:
+            raise NotImplementedError(f"method {self.config.method!r} scores the cache, not the arriving tokens")
+        self.previous_kv[layer] = (keys[:, :, -1].clone(), values[:, :, -1].clone())
 
     def end_chunk(self) -> SlotMoves | None:
         """Fix the chunk's scores; the eviction the policy's cadence calls for now, or ``None``."""

@@ -47,11 +47,17 @@ def generate_alone(model, prompt: list[int]) -> tuple[list[int], list[int]]:
     "family, settings, max_batch_tokens",
     [
         ("llama", dict(method="epikv"), 6),  # chunked prefill: the 12-token prompt is read in pieces
-        ("qwen2", dict(method="streaming", evict_every=4), 16),
+        ("qwen2", dict(method="kv", evict_every=4), 16),  # key/value deltas; eviction every 4 tokens
+        ("qwen3", dict(method="lag_kv", lag_chunk=16), 6),
+        ("llama", dict(method="knorm"), 16),
+        ("qwen2", dict(method="streaming"), 16),
         ("qwen3", dict(method="random"), 6),
         ("llama", dict(method="full"), 16),
     ],
-    ids=["llama-epikv-chunked", "qwen2-streaming-every4", "qwen3-random-chunked", "llama-full"],
+    ids=[
+        "llama-epikv-chunked", "qwen2-kv-every4", "qwen3-lagkv-chunked", "llama-knorm", "qwen2-streaming",
+        "qwen3-random-chunked", "llama-full",
+    ],
 )
 def test_generate_batch_matches_generate_request_by_request(family, settings, max_batch_tokens):
     """More requests than the pool holds at once, of different lengths: each one's tokens and kept positions are
@@ -99,15 +105,15 @@ def test_long_request_stays_bounded():
 @pytest.mark.parametrize(
     "family, settings, engine_settings, match",
     [
-        ("llama", dict(method="kv"), {}, "method='kv'"),
         ("llama", dict(method="h2o"), {}, "method='h2o'"),
+        ("llama", dict(method="snapkv"), {}, "method='snapkv'"),
         ("llama", dict(method="keydiff"), {}, "method='keydiff'"),
         ("llama", dict(method="epikv", keep_prompt=False), {}, "keep_prompt=False"),
         ("llama", dict(method="epikv", value_reserve=2), {}, "value_reserve"),
         ("qwen2-sliding", dict(method="epikv"), {}, "sliding-window"),
         ("llama", dict(method="epikv"), dict(use_async_batching=True), "use_async_batching"),
     ],
-    ids=["kv", "h2o", "keydiff", "keep-prompt-false", "value-reserve", "sliding-window", "async"],
+    ids=["h2o", "snapkv", "keydiff", "keep-prompt-false", "value-reserve", "sliding-window", "async"],
 )
 def test_unsupported_settings_are_refused_before_any_work(family, settings, engine_settings, match):
     model = patched_copy(tiny_model(family), budget=BUDGET, recent=RECENT, **settings)
