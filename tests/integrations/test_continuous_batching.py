@@ -160,3 +160,26 @@ def test_instance_entry_points_survive_patch_and_unpatch():
     assert model.config._attn_implementation == "epikv"  # switched for the engine, and back when it failed
     epikv_triton.unpatch(model)
     assert model.init_continuous_batching is own
+
+
+def test_persistent_manager_serves_again_and_requests_end_at_eos():
+    """A kept manager serves a second batch (its processor and hooks are reused); a request that meets EOS ends
+    there, as with generate."""
+    model = patched_copy(tiny_model("llama"), budget=BUDGET, recent=RECENT, method="epikv")
+    prompts = requests()[:3]
+    expected = [generate_alone(model, prompt)[0] for prompt in prompts]
+    eos = expected[1][10]
+    config = GenerationConfig(max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    expected = [tokens[: tokens.index(eos) + 1] if eos in tokens else tokens for tokens in expected]
+    try:
+        for _ in range(2):
+            outputs = model.generate_batch(
+                inputs=prompts, generation_config=config, continuous_batching_config=engine_config(),
+                persistent_manager=True,
+            )
+            ordered = sorted(outputs.values(), key=lambda output: int(output.request_id.split("_")[1]))
+            assert [output.generated_tokens for output in ordered] == expected
+            assert model.config._attn_implementation == "epikv"
+    finally:
+        model.destroy_cached_continuous_batching_manager()
+    assert state_of(model).engine_session.stats.eviction_passes > 0
