@@ -24,13 +24,14 @@ additions, all through :mod:`.engine`:
 
 Prefix sharing and async batching are turned off (a shared page would be
 evicted under its other readers; an async engine prepares a batch before the
-previous one's eviction). What cannot be served exactly is refused before any
-work: methods whose scores need the attention's probabilities, the cache's
-keys beyond the new tokens or a rescoring of the cache (``h2o``, ``tova``,
-``snapkv``, ``rkv``, ``keydiff``, ``lag_kv``; :data:`SUPPORTED_METHODS` score
-from what the engine exposes),
-``keep_prompt=False``, ``value_reserve``, sliding-window layers and
-tensor parallelism.
+previous one's eviction), and asking for async batching is refused. What
+cannot be served exactly is refused before any work: methods whose scores need
+the attention's probabilities or rescore the whole cache (``h2o``, ``tova``,
+``snapkv``, ``rkv``, ``keydiff``; :data:`SUPPORTED_METHODS` score from what the
+engine exposes), ``keep_prompt=False`` (the engine chooses where a prompt is
+split; generate evicts after the whole prompt), ``value_reserve``,
+sliding-window layers (the engine keeps their own ring of pages) and tensor
+parallelism.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ from .state import PatchState
 SUPPORTED_METHODS = ("epikv", "epikv_flat", "kv", "knorm", "lag_kv", "streaming", "random", "full")
 #: The supported methods that read the new tokens' keys and values.
 KEY_METHODS = ("kv", "knorm", "lag_kv")
+#: Finished requests whose kept positions the stats remember (the latest ones): a kept manager serves on and on.
+REMEMBERED_REQUESTS = 1024
 
 
 @dataclass
@@ -63,7 +66,8 @@ class EngineStats:
     peak_pages_in_use: int = 0  # the most pages all requests held together at a forward
     pages_in_use_after: int | None = None  # what the requests still held when the run ended (0: all came back)
     shared_page_forwards: int = 0  # forwards in which two requests' block tables named the same page
-    kept_positions: dict[str, list[int]] = field(default_factory=dict)  # per finished request, what it held last
+    # Per finished request (the latest REMEMBERED_REQUESTS), the positions it held at the end.
+    kept_positions: dict[str, list[int]] = field(default_factory=dict)
 
 
 class EngineSession:
@@ -118,7 +122,10 @@ class EngineSession:
         """The engine freed the request's pages (it finished or was cancelled)."""
         stream = self.streams.pop(request_id, None)
         if stream is not None:
-            self.stats.kept_positions[request_id] = stream.kept_positions()
+            remembered = self.stats.kept_positions
+            remembered[request_id] = stream.kept_positions()
+            if len(remembered) > REMEMBERED_REQUESTS:
+                del remembered[next(iter(remembered))]
 
     def release(self) -> None:
         """The run is over and its engine is not kept: let go of the engine's pool and the requests' state."""
