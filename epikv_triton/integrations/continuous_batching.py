@@ -24,7 +24,8 @@ additions, all through :mod:`.engine`:
 
 Prefix sharing and async batching are turned off (a shared page would be
 evicted under its other readers; an async engine prepares a batch before the
-previous one's eviction), and asking for async batching is refused. What
+previous one's eviction), and so are CUDA graphs (a replayed graph skips the
+hooks); asking for them, or for a compiled forward, is refused. What
 cannot be served exactly is refused before any work: methods whose scores need
 the attention's probabilities or rescore the whole cache (``h2o``, ``tova``,
 ``snapkv``, ``rkv``, ``keydiff``; :data:`SUPPORTED_METHODS` score from what the
@@ -260,7 +261,10 @@ def init_continuous_batching(
 ) -> Any:
     """The patched model's ``init_continuous_batching`` (``generate_batch`` calls it): a manager whose engine evicts."""
     check_supported(state)
-    config = engine.engine_config(continuous_batching_config, observe_keys=state.config.method in KEY_METHODS)
+    config = engine.engine_config(
+        continuous_batching_config, generation_config or model.generation_config,
+        observe_keys=state.config.method in KEY_METHODS,
+    )
     attention = internals.attention_implementation(model)
     engine.switch_attention(model, state.original_attn_implementation)
     try:

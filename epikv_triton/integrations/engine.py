@@ -59,21 +59,32 @@ class ScheduledRequest:
         return getattr(self.state, "max_new_tokens", None)
 
 
-def engine_config(continuous_batching_config: Any, observe_keys: bool) -> Any:
-    """A copy of the caller's ``ContinuousBatchingConfig`` (or a default one) with prefix sharing and async batching
-    off: a shared block would be evicted under its other readers, and an async engine prepares the next batch before
-    this one's eviction has shrunk its requests. ``observe_keys``: the decode fast path is off too, since its
-    kernels write the keys themselves, past :func:`on_keys`."""
+def engine_config(continuous_batching_config: Any, generation_config: Any, observe_keys: bool) -> Any:
+    """A copy of the caller's ``ContinuousBatchingConfig`` (or a default one) with prefix sharing, async batching and
+    CUDA graphs off: a shared block would be evicted under its other readers, an async engine prepares the next batch
+    before this one's eviction has shrunk its requests, and a replayed graph skips the Python hooks that score and
+    evict. ``observe_keys``: the decode fast path is off too, since its kernels write the keys themselves, past
+    :func:`on_keys`. Asking for any of these (or for a compiled forward) is refused."""
     from transformers import ContinuousBatchingConfig
 
     config = ContinuousBatchingConfig() if continuous_batching_config is None else copy.copy(continuous_batching_config)
-    if config.use_async_batching:
+    asked = {
+        "use_async_batching=True": config.use_async_batching,
+        "use_cuda_graph": config.use_cuda_graph not in (None, False, (False, False)),
+        "varlen_compile_config / decode_compile_config": config.varlen_compile_config or config.decode_compile_config,
+        "default_compile_level": getattr(config, "default_compile_level", 0),
+        "a compile_config in the generation config": getattr(generation_config, "compile_config", None),
+    }
+    refused = [name for name, value in asked.items() if value]
+    if refused:
         raise NotImplementedError(
-            "continuous batching with use_async_batching=True cannot evict on a model patched by epikv_triton: the "
-            "engine prepares the next batch before this one's eviction frees its pages. Leave it unset or False"
+            f"continuous batching with {', '.join(refused)} cannot evict on a model patched by epikv_triton: eviction "
+            "runs in Python hooks between the engine's batches, which an async, graph-replayed or compiled engine "
+            "skips. Leave these settings unset"
         )
     config.allow_block_sharing = False
     config.use_async_batching = False
+    config.use_cuda_graph = False
     if observe_keys:
         config.max_blocks_per_request = 0
     return config

@@ -112,8 +112,9 @@ def test_long_request_stays_bounded():
         ("llama", dict(method="epikv", value_reserve=2), {}, "value_reserve"),
         ("qwen2-sliding", dict(method="epikv"), {}, "sliding-window"),
         ("llama", dict(method="epikv"), dict(use_async_batching=True), "use_async_batching"),
+        ("llama", dict(method="epikv"), dict(use_cuda_graph=True), "use_cuda_graph"),
     ],
-    ids=["h2o", "snapkv", "keydiff", "keep-prompt-false", "value-reserve", "sliding-window", "async"],
+    ids=["h2o", "snapkv", "keydiff", "keep-prompt-false", "value-reserve", "sliding-window", "async", "cuda-graph"],
 )
 def test_unsupported_settings_are_refused_before_any_work(family, settings, engine_settings, match):
     model = patched_copy(tiny_model(family), budget=BUDGET, recent=RECENT, **settings)
