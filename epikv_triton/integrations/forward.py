@@ -17,6 +17,10 @@
 4. A forward hook on the decoder stack (:func:`end_forward`) closes the chunk:
    scores are fixed and the cache evicts when it is over its cadence.
 
+A forward of transformers' continuous-batching engine keeps its paged cache
+and its attention; the hooks talk to the engine session of
+:mod:`.continuous_batching` instead of a cache.
+
 A forward with ``use_cache=False`` and no cache is plain attention over the
 chunk (a throwaway ``full`` cache: no scoring, no eviction). The cache of the
 forward in progress is per thread, so threads may share a patched model.
@@ -31,6 +35,7 @@ import torch
 from torch import nn
 
 from ..config import EpiKVConfig
+from . import engine
 from .keywords import pop_cache
 from .state import PatchState, state_of
 from .transformers_cache import EpiKVCache
@@ -86,6 +91,12 @@ def begin_forward(state: PatchState, module: nn.Module, args: tuple, kwargs: dic
             "a model patched by epikv_triton does not compute attention weights (output_attentions=True): "
             "epikv_triton.unpatch(model) to inspect them"
         )
+    session = state.engine_session
+    if session is not None and engine.engine_cache(kwargs) is not None:
+        # A forward of transformers' continuous-batching engine: its paged cache stays; the session evicts.
+        session.begin_forward(kwargs)
+        _active_caches()[state] = session
+        return args, kwargs
     cache = _cache_for(state, module, kwargs)
     kwargs[state.cache_keyword] = cache
     inputs = kwargs.get("input_ids", args[0] if args else None)

@@ -1,8 +1,9 @@
 """``patch`` / ``unpatch`` / ``new_cache``: the lifecycle of a patched Hugging Face model.
 
 ``patch`` registers the ``"epikv"`` attention function and switches the model
-to it, installs the forward hooks of :mod:`.forward` and the ``generate``
-wrappers of :mod:`.generation`, and leaves a :class:`~.state.PatchState` on the
+to it, installs the forward hooks of :mod:`.forward`, the ``generate``
+wrappers of :mod:`.generation` and the continuous-batching entry point of
+:mod:`.continuous_batching`, and leaves a :class:`~.state.PatchState` on the
 modules; ``unpatch`` undoes exactly that. Only the patched instance changes.
 """
 
@@ -17,7 +18,7 @@ from transformers import AttentionInterface
 
 from ..config import EpiKVConfig
 from ..scoring import make_scorer
-from . import forward, generation, internals
+from . import continuous_batching, forward, generation, internals
 from .families import family_of
 from .keywords import cache_keyword
 from .placement import check_one_device, tensor_parallel_group
@@ -72,6 +73,8 @@ def patch(model: nn.Module, config: EpiKVConfig | None = None, **settings: Any) 
         original_attn_implementation=internals.attention_implementation(model),
         own_generate=vars(model).get("generate"),
         own_prepare_inputs=vars(model).get("prepare_inputs_for_generation"),
+        own_init_continuous_batching=vars(model).get("init_continuous_batching"),
+        own_generate_batch=vars(model).get("generate_batch"),
         tensor_parallel_group=tensor_parallel_group(model, layers),
     )
     AttentionInterface.register(forward.ATTENTION_NAME, forward.epikv_attention)
@@ -91,6 +94,10 @@ def patch(model: nn.Module, config: EpiKVConfig | None = None, **settings: Any) 
         prepare_inputs = state.own_prepare_inputs or type(model).prepare_inputs_for_generation.__get__(model)
         model.generate = generation.wrapper(generation.generate, state, model, generate)
         model.prepare_inputs_for_generation = generation.wrapper(generation.prepare_inputs, state, prepare_inputs)
+    if hasattr(model, "init_continuous_batching"):
+        for name in ("init_continuous_batching", "generate_batch"):
+            own = getattr(model, name)  # the instance's own, or the class's bound to it
+            setattr(model, name, generation.wrapper(getattr(continuous_batching, name), state, model, own))
     setattr(model, STATE_ATTRIBUTE, state)
     return model
 
@@ -106,7 +113,13 @@ def unpatch(model: nn.Module) -> nn.Module:
     for module in state.attention_modules:
         delattr(module, STATE_ATTRIBUTE)
     model.set_attn_implementation(state.original_attn_implementation)
-    for name, own in (("generate", state.own_generate), ("prepare_inputs_for_generation", state.own_prepare_inputs)):
+    own_attributes = (
+        ("generate", state.own_generate),
+        ("prepare_inputs_for_generation", state.own_prepare_inputs),
+        ("init_continuous_batching", state.own_init_continuous_batching),
+        ("generate_batch", state.own_generate_batch),
+    )
+    for name, own in own_attributes:
         if name in vars(model):
             delattr(model, name)
         if own is not None:

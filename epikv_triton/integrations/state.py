@@ -29,13 +29,18 @@ class PatchState:
     windows: list[int | None]  # per layer: its sliding window or None
     cache_keyword: str  # what the installed transformers calls the cache argument
     original_attn_implementation: str
-    # The instance's own ``generate`` / ``prepare_inputs_for_generation`` attributes before patching, if any.
+    # The instance's own ``generate`` / ``prepare_inputs_for_generation`` / ``init_continuous_batching`` /
+    # ``generate_batch`` attributes before patching, if any.
     own_generate: Any
     own_prepare_inputs: Any
+    own_init_continuous_batching: Any = None
+    own_generate_batch: Any = None
     # The process group of the tensor-parallel ranks the model is sharded over, or None (see .placement).
     tensor_parallel_group: Any = None
     hooks: list[torch.utils.hooks.RemovableHandle] = field(default_factory=list)
     attention_modules: list[nn.Module] = field(default_factory=list)
+    # The eviction of the last continuous-batching engine started on the model (see .continuous_batching), or None.
+    engine_session: Any = None
 
     def new_cache(
         self,

@@ -1,0 +1,118 @@
+"""One request of a continuous-batching engine, as eviction sees it: transformers-free.
+
+The engine keeps the request's keys and values in its own pages; what it does
+not keep is what eviction needs: each cached token's position and score, the
+scorer's per-sequence state and the retention policy. A
+:class:`RequestStream` holds exactly those, for one request (a batch of one,
+like ``generate`` on that prompt alone), and decides with the same pieces a
+:class:`~epikv_triton.store.SlotStore` uses (:func:`~epikv_triton.scoring.make_scorer`,
+:class:`~epikv_triton.store.policy.RetentionPolicy`), so the same tokens are
+kept at the same steps. Slot ``i`` is the request's ``i``-th cached token in
+the order of its pages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import ops
+from ..config import EpiKVConfig
+from ..scoring import AttentionView, ChunkInfo, make_scorer
+from ..store.policy import RetentionPolicy
+
+
+@dataclass(frozen=True)
+class SlotMoves:
+    """An eviction of one request: slot ``sources[i]`` moves to slot ``destinations[i]``; afterwards the request
+    holds ``kept`` slots, ``dropped`` fewer than before."""
+
+    sources: torch.Tensor
+    destinations: torch.Tensor
+    kept: int
+    dropped: int
+
+
+class RequestStream:
+    """Positions, scores and scorer state of one request's cached tokens; see the module docstring."""
+
+    def __init__(
+        self, config: EpiKVConfig, num_layers: int, prompt_length: int, expected_length: int | None,
+        device: torch.device,
+    ):
+        self.config = config
+        self.scorer = make_scorer(config, num_layers)
+        # Refuses, as generate does, a prompt keep_prompt cannot protect in a stream that may outgrow the budget.
+        self.policy = RetentionPolicy(config, [prompt_length], expected_length)
+        self.pos = torch.empty(1, 0, dtype=torch.int64, device=device)
+        self.scores = torch.empty(1, 0, dtype=torch.float32, device=device)
+        self.seen = 0  # tokens read so far: the position of the next one
+        self.chunk: ChunkInfo | None = None
+        self.previous_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per layer, the last token's K/V
+
+    @property
+    def dropped(self) -> int:
+        """Tokens evicted so far: the engine's count of cached tokens lags the positions by this much."""
+        return self.seen - self.pos.shape[1]
+
+    def begin_chunk(self, num_tokens: int) -> None:
+        """The request's next ``num_tokens`` tokens enter the forward in progress."""
+        device = self.pos.device
+        positions = torch.arange(self.seen, self.seen + num_tokens, device=device)[None]
+        valid = torch.ones_like(positions, dtype=torch.bool)
+        # A token has a predecessor unless it opens the stream (what the store's chunks compute).
+        before = torch.cat([torch.tensor([[self.seen > 0]], device=device), valid[:, :-1]], dim=1)
+        self.chunk = ChunkInfo(positions, valid, valid & before)
+        self.scorer.begin_chunk(self.chunk)
+
+    def observe_hidden(self, layer: int, hidden: torch.Tensor) -> None:
+        """``hidden [1, T, H]``: the output of decoder layer ``layer`` for this request's chunk."""
+        self.scorer.observe_hidden(layer, hidden)
+
+    def observe_keys(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """``keys``/``values [1, Hkv, T, D]``: what layer ``layer`` writes for this request's chunk. The scorer sees a
+        view of these new tokens alone (all a score fixed at arrival reads); its key/value delta norms come from
+        :func:`ops.slot_attention` over them, as the store's attention computes them, from the previous chunk's
+        last token on."""
+        chunk = self.chunk
+        slots = torch.arange(keys.shape[2], device=keys.device)[None]
+        previous = self.previous_kv.get(layer, (None, None))
+        result = None
+        if self.scorer.wants_deltas:
+            result = ops.slot_attention(
+                keys, keys, values, chunk.positions, query_slots=slots, prev_k=previous[0], prev_v=previous[1],
+                with_deltas=True, check_positions=False,
+            )
+        view = AttentionView(keys, keys, values, chunk.positions, slots, None, None, result)
+        if self.scorer.observe_attention(layer, view) is not None:
+            raise NotImplementedError(f"method {self.config.method!r} scores the cache, not the arriving tokens")
+        self.previous_kv[layer] = (keys[:, :, -1].clone(), values[:, :, -1].clone())
+
+    def end_chunk(self) -> SlotMoves | None:
+        """Fix the chunk's scores; the eviction the policy's cadence calls for now, or ``None``."""
+        chunk, self.chunk = self.chunk, None
+        scores = self.scorer.finish_chunk()
+        if scores is None:
+            scores = torch.zeros(chunk.positions.shape, dtype=torch.float32, device=self.pos.device)
+        self.pos = torch.cat([self.pos, chunk.positions], dim=1)
+        self.scores = torch.cat([self.scores, scores.float()], dim=1)
+        self.seen += chunk.positions.shape[1]
+        self.policy.record_prompt(torch.tensor([self.seen], device=self.pos.device))
+        used = self.pos.shape[1]
+        if not self.policy.eviction_due(used):
+            return None
+        kept = min(self.config.budget, used)
+        _, _, destination = self.policy.plan(self.pos, self.scores, kept)
+        destination = destination[0]
+        moving = destination >= 0
+        sources = torch.arange(kept, used, device=destination.device)[moving]
+        destinations = destination[moving]
+        for slots in (self.pos, self.scores):
+            slots[0, destinations] = slots[0, sources]
+        self.pos, self.scores = self.pos[:, :kept].clone(), self.scores[:, :kept].clone()
+        return SlotMoves(sources, destinations, kept, used - kept)
+
+    def kept_positions(self) -> list[int]:
+        """Sorted positions of the tokens the request holds."""
+        return sorted(self.pos[0].tolist())
