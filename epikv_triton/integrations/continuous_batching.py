@@ -9,7 +9,14 @@ additions, all through :mod:`.engine`:
    scores, scorer state, policy: the decisions ``generate`` makes for that
    prompt alone). The decoder hooks of :mod:`.forward` hand it its slice of the
    packed batch (this module's :class:`EngineSession` stands in for the cache),
-   and so does the allocator's write for methods that read the new keys.
+   and so does the allocator's write for methods that read the new keys. For
+   methods that rescore the cache from attention (:data:`CACHE_METHODS`:
+   ``tova``, the default, and ``snapkv``, ``rkv``, ``keydiff``, ``h2o``), the
+   engine's attention function is wrapped: after each layer's call, each
+   request's queries (its slice of the packed ones) meet every key it holds,
+   read back from its pages in slot order, and its scorer scores its slots as
+   the store's attention would have it (one more attention pass per layer over
+   the request's own slots, with the probabilities the engine's does not return).
 2. When a request's stream says evict, its kept tokens' keys and values are
    copied into its lowest slots in every layer and its cached-token count drops
    to the budget, so it never holds more than ``ceil((budget + evict_every) /
@@ -26,13 +33,18 @@ Prefix sharing and async batching are turned off (a shared page would be
 evicted under its other readers; an async engine prepares a batch before the
 previous one's eviction), and so are CUDA graphs (a replayed graph skips the
 hooks); asking for them, or for a compiled forward, is refused. What
-cannot be served exactly is refused before any work: methods whose scores need
-the attention's probabilities or rescore the whole cache (``h2o``, ``tova``,
-``snapkv``, ``rkv``, ``keydiff``; :data:`SUPPORTED_METHODS` score from what the
-engine exposes), ``keep_prompt=False`` (the engine chooses where a prompt is
-split; generate evicts after the whole prompt), ``value_reserve``,
-sliding-window layers (the engine keeps their own ring of pages) and tensor
-parallelism.
+cannot be served exactly is refused before any work: a method not in
+:data:`SUPPORTED_METHODS` (every built-in one is; a method registered later has
+not been checked against the engine), ``keep_prompt=False`` (the engine chooses
+where a prompt is split; generate evicts after the whole prompt),
+``value_reserve``, sliding-window layers (the engine keeps their own ring of
+pages) and tensor parallelism.
+
+Chunked prefill leaves the scores exact: the prompt fits the budget with its
+recent window (``keep_prompt``), so no eviction follows a prompt chunk, and the
+first one follows a decode step, after which a rescoring method has scored
+every slot from that step's query alone, as ``generate`` does; ``h2o``'s sums
+over the prompt's chunks add up to its sum over the whole prompt.
 """
 
 from __future__ import annotations
@@ -48,11 +60,18 @@ from . import engine, internals
 from .request_streams import RequestStream
 from .state import PatchState
 
-#: Methods whose scores are fixed when a token arrives, from what the engine's forward exposes: the residual stream,
-#: the positions, or the new tokens' keys and values (:data:`KEY_METHODS`).
-SUPPORTED_METHODS = ("epikv", "epikv_flat", "kv", "knorm", "lag_kv", "streaming", "random", "full")
+#: Methods the engine serves exactly: those whose scores are fixed when a token arrives, from the residual stream,
+#: the positions, or the new tokens' keys and values (:data:`KEY_METHODS`), and those that rescore the cache from
+#: each request's queries and held keys (:data:`CACHE_METHODS`).
+SUPPORTED_METHODS = (
+    "tova", "snapkv", "rkv", "keydiff", "h2o", "epikv", "epikv_flat", "kv", "knorm", "lag_kv", "streaming", "random",
+    "full",
+)
 #: The supported methods that read the new tokens' keys and values.
 KEY_METHODS = ("kv", "knorm", "lag_kv")
+#: The supported methods whose scorers read the attention's probabilities or every held key (``wants_probabilities``
+#: or ``rescores_slots``): the session observes the engine's attention calls for them.
+CACHE_METHODS = ("tova", "snapkv", "rkv", "keydiff", "h2o")
 #: Finished requests whose kept positions the stats remember (the latest ones): a kept manager serves on and on.
 REMEMBERED_REQUESTS = 1024
 
@@ -85,6 +104,7 @@ class EngineSession:
         self.pages_per_request: int | None = None  # what an evicting request reserves and never exceeds
         self.pool_pages: int | None = None
         self.chunk_open = False
+        self.reads_cache = self.config.method in CACHE_METHODS
         self.stats = EngineStats()
 
     # ------------------------------------------------- the engine's side
@@ -174,6 +194,20 @@ class EngineSession:
                 )
             start = end
 
+    def observe_attention(self, layer: int, query: torch.Tensor, scale: float | None) -> None:
+        """After layer ``layer``'s attention call, whose packed ``[1, Hq, N, D]`` queries are ``query``: each request
+        scores its slots from its own queries and every slot it holds (read back from its pages, the chunk's new
+        keys included)."""
+        start = 0
+        for request, stream in self.running:
+            end = start + request.query_length
+            if stream is not None:
+                keys, values = engine.cached_keys_and_values(
+                    self.allocator, request.request_id, layer, stream.pos.shape[1]
+                )
+                stream.observe_cache(layer, query[:, :, start:end], keys, values, scale)
+            start = end
+
     def close_chunk(self) -> None:
         """Decoder forward hook: each request's scores fixed, and its eviction, when due, applied to its pages."""
         for request, stream in self.running:
@@ -216,8 +250,8 @@ def check_supported(state: PatchState) -> None:
     if config.method not in SUPPORTED_METHODS:
         raise NotImplementedError(
             f"continuous batching with method={config.method!r} is not supported on a model patched by epikv_triton: "
-            "its scores need what the engine's paged attention does not expose (attention probabilities, or the "
-            f"whole cache's keys). Use one of {', '.join(SUPPORTED_METHODS)}, or {advice}"
+            "its scorer has not been checked against the engine, which serves a method exactly only when it is "
+            f"listed in SUPPORTED_METHODS. Use one of {', '.join(SUPPORTED_METHODS)}, or {advice}"
         )
     if config.evicts and not config.keep_prompt:
         raise NotImplementedError(

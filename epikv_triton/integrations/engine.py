@@ -17,10 +17,18 @@ of the integration, it is the one place that touches it. What it relies on:
   (``_kv_token_views``), and its ``block_table`` / ``pool`` own its pages;
   ``needs_new_blocks`` / ``allocate_cache_to_request`` are what the scheduler
   asks before admitting or growing a request, ``update`` receives each layer's
-  new keys and values (off the decode fast path), ``free_blocks`` ends a request.
+  new keys and values (off the decode fast path), ``free_blocks`` ends a request;
+* every attention layer calls the function ``AttentionInterface`` maps the
+  model's ``config._attn_implementation`` to, with the packed queries (after
+  RoPE) and ``scaling``, and the layer's new keys are in its pages when it
+  returns (written by ``update`` before it, or by a flash kernel in it).
 
 Every hook is an attribute set on the engine's own objects (this manager, its
-processor, its allocator), never on a transformers class.
+processor, its allocator), never on a transformers class, except one: the
+attention function the engine runs is registered again, through the public
+``AttentionInterface.register``, wrapped by :func:`observe_attention_calls`;
+the wrapper calls the original and then an observer that does nothing outside
+a patched model's engine forward.
 """
 
 from __future__ import annotations
@@ -32,8 +40,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers import AttentionInterface
 from transformers.generation.continuous_batching.cache import PagedAttentionCache
 from transformers.generation.continuous_batching.cache_allocators import FullAttentionCacheAllocator
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 #: Attention implementations the engine accepts (it switches ``eager`` to ``paged|eager`` itself).
 _ENGINE_ATTENTION = ("paged|eager", "sdpa")
@@ -157,6 +167,46 @@ def on_keys(allocator: FullAttentionCacheAllocator, observe: Callable[[int, torc
         return update(key_states, value_states, layer_idx, *args)
 
     allocator.update = observe_and_update
+
+
+#: What an observer of attention calls receives: the attention module, its packed ``[1, Hq, N, D]`` queries and the
+#: scale the call was given (``None``: the function's default).
+AttentionObserver = Callable[[torch.nn.Module, torch.Tensor, "float | None"], None]
+
+
+def observe_attention_calls(config: Any, observe: AttentionObserver) -> None:
+    """Make the attention function the engine runs for ``config`` (the model's config, as the engine switched it)
+    call ``observe`` after each call. Registered once per name (the model's layers look the function up by name at
+    every call, so this covers the forward about to run); the wrapper stays registered and passes every other
+    model's calls straight through, since ``observe`` ignores them."""
+    name = config._attn_implementation
+    if name != "paged|eager":
+        name = name.removeprefix("paged|")  # how the interface resolves the deprecated prefix
+    attention = ALL_ATTENTION_FUNCTIONS[name]
+    if getattr(attention, "epikv_observer", None) is observe:
+        return
+
+    @functools.wraps(attention)
+    def attend_and_observe(
+        module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Any,
+        *args: Any, **kwargs: Any,
+    ) -> Any:
+        output = attention(module, query, key, value, mask, *args, **kwargs)
+        observe(module, query, kwargs.get("scaling", getattr(module, "scaling", None)))
+        return output
+
+    attend_and_observe.epikv_observer = observe
+    AttentionInterface.register(name, attend_and_observe)
+
+
+def cached_keys_and_values(
+    allocator: FullAttentionCacheAllocator, request_id: str, layer: int, length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[1, Hkv, length, D]`` each: the keys and values of the request's first ``length`` cached tokens in layer
+    ``layer``, in the order of its pages."""
+    keys, values = allocator._kv_token_views[layer]
+    rows = torch.tensor(allocator.get_read_indices(request_id, 0, length), dtype=torch.int64, device=keys.device)
+    return tuple(view.index_select(0, rows).transpose(0, 1)[None] for view in (keys, values))
 
 
 def engine_cache(kwargs: dict) -> PagedAttentionCache | None:

@@ -19,7 +19,9 @@
 
 A forward of transformers' continuous-batching engine keeps its paged cache
 and its attention; the hooks talk to the engine session of
-:mod:`.continuous_batching` instead of a cache.
+:mod:`.continuous_batching` instead of a cache, and, for a method that scores
+from attention, so does every attention call the engine makes
+(:func:`observe_engine_attention`).
 
 A forward with ``use_cache=False`` and no cache is plain attention over the
 chunk (a throwaway ``full`` cache: no scoring, no eviction). The cache of the
@@ -95,6 +97,8 @@ def begin_forward(state: PatchState, module: nn.Module, args: tuple, kwargs: dic
     if session is not None and engine.engine_cache(kwargs) is not None:
         # A forward of transformers' continuous-batching engine: its paged cache stays; the session evicts.
         session.begin_forward(kwargs)
+        if session.reads_cache:
+            engine.observe_attention_calls(module.config, observe_engine_attention)
         _active_caches()[state] = session
         return args, kwargs
     cache = _cache_for(state, module, kwargs)
@@ -152,3 +156,12 @@ def observe_hidden(state: PatchState, layer: int, module: nn.Module, args: tuple
     """Forward hook of a decoder layer the scorer reads: its output is the residual stream ``h_layer``."""
     hidden = output[0] if isinstance(output, tuple) else output
     _active_caches()[state].observe_hidden(layer, hidden)
+
+
+def observe_engine_attention(module: nn.Module, query: torch.Tensor, scale: float | None) -> None:
+    """After an attention call of the continuous-batching engine: the packed queries go to the session of the
+    forward in progress, when this is a patched model's engine forward (any other call is none of ours)."""
+    state = state_of(module)
+    session = None if state is None else state.engine_session
+    if session is not None and _active_caches().get(state) is session:
+        session.observe_attention(module.layer_idx, query, scale)

@@ -9,6 +9,14 @@ like ``generate`` on that prompt alone), and decides with the same pieces a
 :class:`~epikv_triton.store.policy.RetentionPolicy`), so the same tokens are
 kept at the same steps. Slot ``i`` is the request's ``i``-th cached token in
 the order of its pages.
+
+A chunk's tokens take their slots when it opens, scored 0, as in the store's
+chunks. A method that scores from what arrives (the residual stream, the new
+keys) fixes their scores when it closes; one that reads the cache
+(:attr:`RequestStream.reads_cache`: attention probabilities, every held key)
+is shown, per layer, the request's queries and every slot it holds
+(:meth:`RequestStream.observe_cache`), and its slot scores are folded in as the
+store folds them.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ import torch
 
 from .. import ops
 from ..config import EpiKVConfig
-from ..scoring import AttentionView, ChunkInfo, make_scorer
+from ..scoring import AttentionView, ChunkInfo, fold_slot_scores, make_scorer
 from ..store.policy import RetentionPolicy
 
 
@@ -42,6 +50,7 @@ class RequestStream:
         device: torch.device,
     ):
         self.config = config
+        self.num_layers = num_layers
         self.scorer = make_scorer(config, num_layers)
         # Refuses, as generate does, a prompt keep_prompt cannot protect in a stream that may outgrow the budget.
         self.policy = RetentionPolicy(config, [prompt_length], expected_length)
@@ -49,7 +58,13 @@ class RequestStream:
         self.scores = torch.empty(1, 0, dtype=torch.float32, device=device)
         self.seen = 0  # tokens read so far: the position of the next one
         self.chunk: ChunkInfo | None = None
+        self.layers_scored = 0  # layers whose attention scored the slots in the chunk open now
         self.previous_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per layer, the last token's K/V
+
+    @property
+    def reads_cache(self) -> bool:
+        """Whether the method scores from the queries and the whole cache (:meth:`observe_cache`)."""
+        return self.scorer.wants_probabilities or self.scorer.rescores_slots
 
     @property
     def dropped(self) -> int:
@@ -65,6 +80,10 @@ class RequestStream:
         before = torch.cat([torch.tensor([[self.seen > 0]], device=device), valid[:, :-1]], dim=1)
         self.chunk = ChunkInfo(positions, valid, valid & before)
         self.scorer.begin_chunk(self.chunk)
+        self.pos = torch.cat([self.pos, positions], dim=1)
+        self.scores = torch.cat([self.scores, torch.zeros(positions.shape, device=device)], dim=1)
+        self.seen += num_tokens
+        self.layers_scored = 0
 
     def observe_hidden(self, layer: int, hidden: torch.Tensor) -> None:
         """``hidden [1, T, H]``: the output of decoder layer ``layer`` for this request's chunk."""
@@ -89,15 +108,37 @@ class RequestStream:
             raise NotImplementedError(f"method {self.config.method!r} scores the cache, not the arriving tokens")
         self.previous_kv[layer] = (keys[:, :, -1].clone(), values[:, :, -1].clone())
 
+    def observe_cache(
+        self, layer: int, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float | None
+    ) -> None:
+        """``query [1, Hq, T, D]``: this request's queries of the chunk at layer ``layer``; ``keys``/``values
+        [1, Hkv, S, D]``: every slot it holds, the chunk's included, in slot order. The scorer sees the attention
+        :func:`ops.slot_attention` computes over them, as the store's attention computes it; its slot scores are
+        folded in as the store folds them."""
+        num_tokens, held = query.shape[2], keys.shape[2]
+        query_slots = torch.arange(held - num_tokens, held, device=keys.device)[None]
+        result = ops.slot_attention(
+            query, keys, values, self.pos, query_slots=query_slots, scale=scale, with_deltas=False,
+            return_lse=self.scorer.wants_probabilities, check_positions=False,
+        )
+        view = AttentionView(query, keys, values, self.pos, query_slots, scale, None, result)
+        slot_scores = self.scorer.observe_attention(layer, view)
+        if slot_scores is not None:
+            fold_slot_scores(self.scorer, self.scores, slot_scores, first_layer=self.layers_scored == 0)
+        self.layers_scored += 1
+
     def end_chunk(self) -> SlotMoves | None:
         """Fix the chunk's scores; the eviction the policy's cadence calls for now, or ``None``."""
         chunk, self.chunk = self.chunk, None
+        if self.reads_cache and self.layers_scored != self.num_layers:
+            # Were another attention function registered over the observed one, the scores would silently go stale.
+            raise RuntimeError(
+                f"method {self.config.method!r} scores from the engine's attention calls, but {self.layers_scored} "
+                f"of {self.num_layers} layers were observed: was the attention implementation replaced mid-run?"
+            )
         scores = self.scorer.finish_chunk()
-        if scores is None:
-            scores = torch.zeros(chunk.positions.shape, dtype=torch.float32, device=self.pos.device)
-        self.pos = torch.cat([self.pos, chunk.positions], dim=1)
-        self.scores = torch.cat([self.scores, scores.float()], dim=1)
-        self.seen += chunk.positions.shape[1]
+        if scores is not None:
+            self.scores[:, -chunk.positions.shape[1] :] = scores.float()
         self.policy.record_prompt(torch.tensor([self.seen], device=self.pos.device))
         used = self.pos.shape[1]
         if not self.policy.eviction_due(used):

@@ -11,7 +11,7 @@ Importing this package registers the built-in methods (``builtin``).
 from __future__ import annotations
 
 from . import builtin  # noqa: F401 - registers the built-in methods
-from .base import AttentionView, ChunkInfo, Scorer
+from .base import AttentionView, ChunkInfo, Scorer, fold_slot_scores
 from .ranks import RankGroup
 from .registry import (
     DEFAULT_METHOD,
@@ -26,5 +26,5 @@ from .registry import (
 
 __all__ = [
     "DEFAULT_METHOD", "AttentionView", "ChunkInfo", "Method", "RankGroup", "Scorer", "evicting_methods", "lookup",
-    "make_scorer", "method_names", "readme_table", "register",
+    "make_scorer", "method_names", "readme_table", "register", "fold_slot_scores",
 ]

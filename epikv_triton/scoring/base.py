@@ -105,3 +105,12 @@ class Scorer:
     def finish_chunk(self) -> torch.Tensor | None:
         """``[B, T]`` float32 scores of the new tokens, or ``None`` to keep the accumulated ones."""
         raise NotImplementedError
+
+
+def fold_slot_scores(scorer: Scorer, stored: torch.Tensor, slot_scores: torch.Tensor, first_layer: bool) -> None:
+    """One layer's ``slot_scores`` into the ``stored`` scores of the same slots, in place: a rescoring scorer's first
+    layer of the chunk replaces them (every slot in use is scored afresh), every other layer adds its share."""
+    if scorer.rescores_slots and first_layer:
+        stored.copy_(slot_scores)
+    else:
+        stored += slot_scores

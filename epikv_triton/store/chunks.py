@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .. import ops
-from ..scoring import AttentionView, ChunkInfo
+from ..scoring import AttentionView, ChunkInfo, fold_slot_scores
 
 if TYPE_CHECKING:
     from .slot_store import SlotStore
@@ -44,7 +44,7 @@ class Chunk:
         self.tokens = ChunkInfo(positions, valid, valid & before)
         self.query_slots = query_slots  # [B, T] the slots of the new tokens
         self.has_previous = has_previous  # a token came before this chunk: its K/V start the delta norms
-        self.rescored = False  # a rescoring scorer's first layer has replaced the slots' scores
+        self.rescored = False  # a layer has scored the slots in this chunk (a rescoring scorer's first replaces)
 
     @property
     def num_tokens(self) -> int:
@@ -73,12 +73,8 @@ class Chunk:
         view = AttentionView(query, keys, values, pos, self.query_slots, scale, window, result, self.slot_count)
         slot_scores = scorer.observe_attention(layer, view)
         if slot_scores is not None:
-            scores = buffers.scores[:, : keys.shape[2]]
-            if scorer.rescores_slots and not self.rescored:
-                scores.copy_(slot_scores)  # the chunk's first layer: every slot in use is scored afresh
-                self.rescored = True
-            else:
-                scores += slot_scores
+            fold_slot_scores(scorer, buffers.scores[:, : keys.shape[2]], slot_scores, first_layer=not self.rescored)
+            self.rescored = True
         return result.out
 
     def end(self) -> None:

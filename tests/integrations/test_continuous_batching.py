@@ -8,6 +8,8 @@ import torch
 from transformers import ContinuousBatchingConfig, GenerationConfig
 
 import epikv_triton
+from epikv_triton.integrations import continuous_batching
+from epikv_triton.integrations.request_streams import RequestStream
 from epikv_triton.integrations.state import state_of
 
 from .models import patched_copy, tiny_model
@@ -53,10 +55,19 @@ def generate_alone(model, prompt: list[int]) -> tuple[list[int], list[int]]:
         ("qwen2", dict(method="streaming"), 16),
         ("qwen3", dict(method="random"), 6),
         ("llama", dict(method="full"), 16),
+        # The default, and the methods that rescore every held slot from the engine's attention calls.
+        ("llama", dict(method="tova"), 6),
+        ("qwen2", dict(method="tova", evict_every=4), 16),
+        ("qwen3", dict(method="tova"), 6),
+        ("qwen3", dict(method="snapkv"), 6),
+        ("llama", dict(method="rkv"), 16),
+        ("qwen2", dict(method="keydiff"), 6),
+        ("llama", dict(method="h2o"), 6),  # accumulates: the prompt's chunks add up to the whole prompt's mass
     ],
     ids=[
         "llama-epikv-chunked", "qwen2-kv-every4", "qwen3-lagkv-chunked", "llama-knorm", "qwen2-streaming",
-        "qwen3-random-chunked", "llama-full",
+        "qwen3-random-chunked", "llama-full", "llama-tova-chunked", "qwen2-tova-every4", "qwen3-tova-chunked",
+        "qwen3-snapkv-chunked", "llama-rkv", "qwen2-keydiff-chunked", "llama-h2o-chunked",
     ],
 )
 def test_generate_batch_matches_generate_request_by_request(family, settings, max_batch_tokens):
@@ -105,16 +116,13 @@ def test_long_request_stays_bounded():
 @pytest.mark.parametrize(
     "family, settings, engine_settings, match",
     [
-        ("llama", dict(method="h2o"), {}, "method='h2o'"),
-        ("llama", dict(method="snapkv"), {}, "method='snapkv'"),
-        ("llama", dict(method="keydiff"), {}, "method='keydiff'"),
         ("llama", dict(method="epikv", keep_prompt=False), {}, "keep_prompt=False"),
         ("llama", dict(method="epikv", value_reserve=2), {}, "value_reserve"),
         ("qwen2-sliding", dict(method="epikv"), {}, "sliding-window"),
         ("llama", dict(method="epikv"), dict(use_async_batching=True), "use_async_batching"),
         ("llama", dict(method="epikv"), dict(use_cuda_graph=True), "use_cuda_graph"),
     ],
-    ids=["h2o", "snapkv", "keydiff", "keep-prompt-false", "value-reserve", "sliding-window", "async", "cuda-graph"],
+    ids=["keep-prompt-false", "value-reserve", "sliding-window", "async", "cuda-graph"],
 )
 def test_unsupported_settings_are_refused_before_any_work(family, settings, engine_settings, match):
     model = patched_copy(tiny_model(family), budget=BUDGET, recent=RECENT, **settings)
@@ -124,6 +132,25 @@ def test_unsupported_settings_are_refused_before_any_work(family, settings, engi
             continuous_batching_config=engine_config(**engine_settings),
         )
     assert model.config._attn_implementation == "epikv"
+
+
+def test_method_not_checked_against_the_engine_is_refused(monkeypatch):
+    """A method missing from ``SUPPORTED_METHODS`` (one registered later, say) is refused before any work."""
+    monkeypatch.setattr(continuous_batching, "SUPPORTED_METHODS", ("epikv",))
+    model = patched_copy(tiny_model("llama"), budget=BUDGET, recent=RECENT, method="tova")
+    with pytest.raises(NotImplementedError, match="method='tova' is not supported.*Use one of epikv"):
+        model.generate_batch(inputs=requests(), generation_config=generation_config())
+    assert model.config._attn_implementation == "epikv"
+
+
+def test_attention_calls_the_session_did_not_see_fail_loudly():
+    """Were the engine's attention function replaced after the session wrapped it, a rescoring method's scores
+    would go stale: the request fails instead of evicting on them."""
+    model = patched_copy(tiny_model("llama"), budget=BUDGET, recent=RECENT, method="tova")
+    stream = RequestStream(state_of(model).config, 3, 5, 40, torch.device("cpu"))
+    stream.begin_chunk(5)
+    with pytest.raises(RuntimeError, match="0 of 3 layers were observed"):
+        stream.end_chunk()
 
 
 def test_prompt_longer_than_keep_prompt_allows_is_refused_up_front():
