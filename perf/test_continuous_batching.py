@@ -8,9 +8,9 @@ each from a pool of ``POOL_PAGES`` pages of ``PAGE`` tokens, greedy, for:
   only: nothing here watches its pages);
 * ``full``: the model patched with ``method="full"``: the same engine, every
   token kept, the hooks only watching;
-* ``epikv`` at ``BUDGET``: each request reserves
-  ``ceil((budget + evict_every) / page)`` pages when admitted and never holds
-  more.
+* ``epikv`` and ``tova`` (the default method) at ``BUDGET``: each request
+  reserves ``ceil((budget + evict_every) / page)`` pages when admitted and
+  never holds more (``tova`` also attends once more per layer, to score).
 
 Per forward the hooks record the requests in it and the pages held; a row
 reports the requests per forward (peak and mean), the pages held at the peak,
@@ -48,7 +48,7 @@ else:
     REQUESTS, PROMPT, NEW_TOKENS, BUDGET = 16, 64, 256, 128
     LONG_NEW_TOKENS = 768  # 52 of the 64 pages for the full cache
 
-POLICIES = ("engine", "full", "epikv")
+POLICIES = ("engine", "full", "epikv", "tova")
 
 
 def prompts(count: int) -> list[list[int]]:
@@ -78,7 +78,7 @@ class ForwardLog:
 def serve(model, policy: str, requests: list[list[int]], new_tokens: int) -> tuple[float, dict]:
     """``generate_batch`` under ``policy``: seconds of the whole call and its outputs."""
     if policy != "engine":
-        settings = dict(method="full") if policy == "full" else dict(method="epikv", budget=BUDGET)
+        settings = dict(method="full") if policy == "full" else dict(method=policy, budget=BUDGET)
         epikv_triton.patch(model, evict_every=EVICT_EVERY, **settings)
     try:
         start = time.perf_counter()
@@ -114,7 +114,7 @@ def test_requests_in_flight_at_a_fixed_pool(benchmark, record, model, monkeypatc
         pool=f"{POOL_PAGES} pages x {PAGE}",
         requests=f"{REQUESTS} x ({PROMPT} + {NEW_TOKENS})",
         policy="engine (unpatched)" if policy == "engine" else policy,
-        budget=BUDGET if policy == "epikv" else "-",
+        budget="-" if policy in ("engine", "full") else BUDGET,
         peak_requests_per_forward=max(log.requests) if watched else "-",
         mean_requests_per_forward=sum(log.requests) / len(log.requests) if watched else "-",
         peak_pages_held=max(log.pages) if watched else "-",
@@ -125,7 +125,7 @@ def test_requests_in_flight_at_a_fixed_pool(benchmark, record, model, monkeypatc
 
 
 @pytest.mark.benchmark(group=GROUP)
-@pytest.mark.parametrize("policy", ("full", "epikv"))
+@pytest.mark.parametrize("policy", ("full", "epikv", "tova"))
 def test_free_pages_over_one_long_request(benchmark, record, model, monkeypatch, policy):  # noqa: F811
     log = ForwardLog(monkeypatch)
     seconds, _ = benchmark.pedantic(
@@ -140,7 +140,7 @@ def test_free_pages_over_one_long_request(benchmark, record, model, monkeypatch,
         pool=f"{POOL_PAGES} pages x {PAGE}",
         requests=f"1 x ({PROMPT} + {LONG_NEW_TOKENS})",
         policy=policy,
-        budget=BUDGET if policy == "epikv" else "-",
+        budget="-" if policy == "full" else BUDGET,
         **{"free_pages_at_1/4": at["free_pages_at_1"], "free_pages_at_1/2": at["free_pages_at_2"]},
         free_pages_at_end=free[-1],
         min_free_pages=min(free),
