@@ -98,6 +98,18 @@ def serve(model, policy: str, requests: list[list[int]], new_tokens: int) -> tup
             epikv_triton.unpatch(model)
 
 
+def setting_columns(policy: str, requests: int, new_tokens: int) -> dict:
+    """The columns that say what a row ran."""
+    return dict(
+        device=measure.device_name(DEV),
+        model=MODEL_SHAPE.label,
+        pool=f"{POOL_PAGES} pages x {PAGE}",
+        requests=f"{requests} x ({PROMPT} + {new_tokens})",
+        policy="engine (unpatched)" if policy == "engine" else policy,
+        budget="-" if policy in ("engine", "full") else BUDGET,
+    )
+
+
 @pytest.mark.benchmark(group=GROUP)
 @pytest.mark.parametrize("policy", POLICIES)
 def test_requests_in_flight_at_a_fixed_pool(benchmark, record, model, monkeypatch, policy):  # noqa: F811
@@ -109,12 +121,7 @@ def test_requests_in_flight_at_a_fixed_pool(benchmark, record, model, monkeypatc
     watched = policy != "engine"
     record(
         GROUP,
-        device=measure.device_name(DEV),
-        model=MODEL_SHAPE.label,
-        pool=f"{POOL_PAGES} pages x {PAGE}",
-        requests=f"{REQUESTS} x ({PROMPT} + {NEW_TOKENS})",
-        policy="engine (unpatched)" if policy == "engine" else policy,
-        budget="-" if policy in ("engine", "full") else BUDGET,
+        **setting_columns(policy, REQUESTS, NEW_TOKENS),
         peak_requests_per_forward=max(log.requests) if watched else "-",
         mean_requests_per_forward=sum(log.requests) / len(log.requests) if watched else "-",
         peak_pages_held=max(log.pages) if watched else "-",
@@ -132,16 +139,10 @@ def test_free_pages_over_one_long_request(benchmark, record, model, monkeypatch,
         lambda: serve(model, policy, prompts(1), LONG_NEW_TOKENS), rounds=1, iterations=1
     )
     free = [POOL_PAGES - held for held in log.pages]
-    at = {f"free_pages_at_{share}": free[min(len(free) - 1, len(free) * share // 4)] for share in (1, 2)}
     record(
         GROUP,
-        device=measure.device_name(DEV),
-        model=MODEL_SHAPE.label,
-        pool=f"{POOL_PAGES} pages x {PAGE}",
-        requests=f"1 x ({PROMPT} + {LONG_NEW_TOKENS})",
-        policy=policy,
-        budget="-" if policy == "full" else BUDGET,
-        **{"free_pages_at_1/4": at["free_pages_at_1"], "free_pages_at_1/2": at["free_pages_at_2"]},
+        **setting_columns(policy, 1, LONG_NEW_TOKENS),
+        **{"free_pages_at_1/4": free[len(free) // 4], "free_pages_at_1/2": free[len(free) // 2]},
         free_pages_at_end=free[-1],
         min_free_pages=min(free),
         seconds=seconds,
