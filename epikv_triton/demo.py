@@ -22,7 +22,7 @@ DEFAULT_PROMPT = (
     "gives away a third of the remaining animals. How many animals are left? "
     "Think step by step and explain every step in detail before giving the answer."
 )
-DEFAULT_COMPARE_METHODS = ["full", "streaming", "h2o", "epikv", "lag_kv"]
+DEFAULT_COMPARE_METHODS = ["full", "streaming", "h2o", DEFAULT_METHOD, "epikv", "lag_kv"]
 DEFAULT_COMPARE_BUDGETS = [64, 128]
 
 
