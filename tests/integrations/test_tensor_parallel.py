@@ -36,6 +36,12 @@ NEW_TOKENS = 30
 BATCH = 2  # the second prompt left-padded
 #: Seconds the two ranks may take together (about 15 on two busy cores).
 SPAWN_TIMEOUT = 300
+#: Runs with a value reserve, whose value norms are a maximum over every KV head: each rank holds half of them.
+#: ``streaming`` makes the reserve decide (its own scores are positions); ``tova`` is the default method.
+RESERVE_CASES = {
+    "streaming+reserve": dict(method="streaming", value_reserve=6),
+    "tova+reserve": dict(method="tova", value_reserve=6),
+}
 
 pytestmark = [
     pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available in this torch build"),
@@ -54,8 +60,9 @@ def generate(model: torch.nn.Module, **kwargs) -> object:
 def run_methods(model: torch.nn.Module) -> dict:
     """The unpatched tokens, then per evicting method what the patched model generated and kept."""
     results = {"unpatched": generate(model).sequences}
-    for method in evicting_methods():
-        epikv_triton.patch(model, budget=BUDGET, **settings(method))
+    cases = {method: settings(method) for method in evicting_methods()} | RESERVE_CASES
+    for method, case_settings in cases.items():
+        epikv_triton.patch(model, budget=BUDGET, **case_settings)
         output = generate(model)
         cache = getattr(output, CACHE)
         stats = cache.stats()
@@ -160,6 +167,23 @@ def test_every_rank_keeps_the_single_process_tokens(runs, family, method):
         assert got["evictions"] == expected["evictions"]
         # Each rank holds half the KV heads: half the KV bytes.
         assert [2 * n for n in got["kv_bytes"]] == expected["kv_bytes"]
+
+
+@pytest.mark.parametrize("case", RESERVE_CASES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_value_reserve_keeps_the_single_process_tokens(runs, family, case):
+    """The reserve's value norms are a maximum over the KV heads, which the ranks split: exchanged, every rank
+    reserves the single process's tokens."""
+    single, ranks = runs
+    expected = single[family][case]
+    if case == "streaming+reserve":  # the reserve decides something the scores alone would not
+        assert expected["kept"] != single[family]["streaming"]["kept"]
+    for rank in ranks:
+        assert rank[family][case]["kept"] == expected["kept"]
+        assert torch.equal(rank[family][case]["tokens"], expected["tokens"])
+    got = ranks[0][family][case]
+    per_eviction = (RANKS - 1) * BATCH * (BUDGET + 1) * 4
+    assert got["collective_bytes"] == 2 * got["evictions"] * per_eviction  # the scores, then the value norms
 
 
 @pytest.mark.parametrize("method", evicting_methods())
