@@ -10,7 +10,7 @@ additions, all through :mod:`.engine`:
    prompt alone). The decoder hooks of :mod:`.forward` hand it its slice of the
    packed batch (this module's :class:`EngineSession` stands in for the cache),
    and so does the allocator's write for methods that read the new keys. For
-   methods that rescore the cache from attention (:data:`CACHE_METHODS`:
+   methods whose scorers read the cache (:func:`.request_streams.reads_cache`:
    ``tova``, the default, and ``snapkv``, ``rkv``, ``keydiff``, ``h2o``), the
    engine's attention function is wrapped: after each layer's call, each
    request's queries (its slice of the packed ones) meet every key it holds,
@@ -55,23 +55,21 @@ from typing import Any
 
 import torch
 
+from ..scoring import make_scorer
 from ..store.policy import check_prompt_fits
 from . import engine, internals
-from .request_streams import RequestStream
+from .request_streams import RequestStream, reads_cache
 from .state import PatchState
 
 #: Methods the engine serves exactly: those whose scores are fixed when a token arrives, from the residual stream,
 #: the positions, or the new tokens' keys and values (:data:`KEY_METHODS`), and those that rescore the cache from
-#: each request's queries and held keys (:data:`CACHE_METHODS`).
+#: each request's queries and held keys (:func:`.request_streams.reads_cache`).
 SUPPORTED_METHODS = (
     "tova", "snapkv", "rkv", "keydiff", "h2o", "epikv", "epikv_flat", "kv", "knorm", "lag_kv", "streaming", "random",
     "full",
 )
 #: The supported methods that read the new tokens' keys and values.
 KEY_METHODS = ("kv", "knorm", "lag_kv")
-#: The supported methods whose scorers read the attention's probabilities or every held key (``wants_probabilities``
-#: or ``rescores_slots``): the session observes the engine's attention calls for them.
-CACHE_METHODS = ("tova", "snapkv", "rkv", "keydiff", "h2o")
 #: Finished requests whose kept positions the stats remember (the latest ones): a kept manager serves on and on.
 REMEMBERED_REQUESTS = 1024
 
@@ -104,7 +102,8 @@ class EngineSession:
         self.pages_per_request: int | None = None  # what an evicting request reserves and never exceeds
         self.pool_pages: int | None = None
         self.chunk_open = False
-        self.reads_cache = self.config.method in CACHE_METHODS
+        self.rows: dict[str, torch.Tensor] = {}  # per request in the forward in progress: see begin_forward
+        self.reads_cache = reads_cache(make_scorer(self.config, self.num_layers))
         self.stats = EngineStats()
 
     # ------------------------------------------------- the engine's side
@@ -159,6 +158,7 @@ class EngineSession:
     def begin_forward(self, kwargs: dict) -> None:
         """Decoder pre-hook: open each request's chunk and move its positions past the tokens it evicted."""
         self.running = [(request, self._stream(request, kwargs["position_ids"].device)) for request in self.batch]
+        self.rows = {}  # per request, the rows of its cached tokens: one block table serves every layer
         for request, stream in self.running:
             if stream is not None:
                 stream.begin_chunk(request.query_length)
@@ -202,9 +202,11 @@ class EngineSession:
         for request, stream in self.running:
             end = start + request.query_length
             if stream is not None:
-                keys, values = engine.cached_keys_and_values(
-                    self.allocator, request.request_id, layer, stream.pos.shape[1]
-                )
+                rows = self.rows.get(request.request_id)
+                if rows is None:
+                    rows = engine.cached_rows(self.allocator, request.request_id, stream.pos.shape[1])
+                    self.rows[request.request_id] = rows
+                keys, values = engine.cached_keys_and_values(self.allocator, layer, rows)
                 stream.observe_cache(layer, query[:, :, start:end], keys, values, scale)
             start = end
 

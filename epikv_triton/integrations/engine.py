@@ -199,13 +199,18 @@ def observe_attention_calls(config: Any, observe: AttentionObserver) -> None:
     AttentionInterface.register(name, attend_and_observe)
 
 
+def cached_rows(allocator: FullAttentionCacheAllocator, request_id: str, length: int) -> torch.Tensor:
+    """``[length]`` int64: the rows of every layer's token views that hold the request's first ``length`` cached
+    tokens, in the order of its pages (the same in every layer: one block table per request)."""
+    keys = allocator._kv_token_views[0][0]
+    return torch.tensor(allocator.get_read_indices(request_id, 0, length), dtype=torch.int64, device=keys.device)
+
+
 def cached_keys_and_values(
-    allocator: FullAttentionCacheAllocator, request_id: str, layer: int, length: int
+    allocator: FullAttentionCacheAllocator, layer: int, rows: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[1, Hkv, length, D]`` each: the keys and values of the request's first ``length`` cached tokens in layer
-    ``layer``, in the order of its pages."""
+    """``[1, Hkv, len(rows), D]`` each: the keys and values at ``rows`` (:func:`cached_rows`) of layer ``layer``."""
     keys, values = allocator._kv_token_views[layer]
-    rows = torch.tensor(allocator.get_read_indices(request_id, 0, length), dtype=torch.int64, device=keys.device)
     return tuple(view.index_select(0, rows).transpose(0, 1)[None] for view in (keys, values))
 
 
@@ -226,8 +231,7 @@ def move_slots(
     first ``used`` tokens), in every layer."""
     if sources.numel() == 0:
         return
-    rows = torch.tensor(allocator.get_read_indices(request_id, 0, used), dtype=torch.int64)
-    rows = rows.to(allocator.cache_tensor.device)
+    rows = cached_rows(allocator, request_id, used)
     source_rows, destination_rows = rows[sources.to(rows.device)], rows[destinations.to(rows.device)]
     for keys, values in allocator._kv_token_views.values():
         for view in (keys, values):

@@ -13,7 +13,7 @@ the order of its pages.
 A chunk's tokens take their slots when it opens, scored 0, as in the store's
 chunks. A method that scores from what arrives (the residual stream, the new
 keys) fixes their scores when it closes; one that reads the cache
-(:attr:`RequestStream.reads_cache`: attention probabilities, every held key)
+(:func:`reads_cache`: attention probabilities, every held key)
 is shown, per layer, the request's queries and every slot it holds
 (:meth:`RequestStream.observe_cache`), and its slot scores are folded in as the
 store folds them.
@@ -27,7 +27,7 @@ import torch
 
 from .. import ops
 from ..config import EpiKVConfig
-from ..scoring import AttentionView, ChunkInfo, fold_slot_scores, make_scorer
+from ..scoring import AttentionView, ChunkInfo, Scorer, fold_slot_scores, make_scorer
 from ..store.policy import RetentionPolicy
 
 
@@ -40,6 +40,12 @@ class SlotMoves:
     destinations: torch.Tensor
     kept: int
     dropped: int
+
+
+def reads_cache(scorer: Scorer) -> bool:
+    """Whether ``scorer`` scores from the queries and the whole cache (attention probabilities, or every slot
+    rescored): a request stream must then be shown every layer's attention (:meth:`RequestStream.observe_cache`)."""
+    return scorer.wants_probabilities or scorer.rescores_slots
 
 
 class RequestStream:
@@ -60,11 +66,6 @@ class RequestStream:
         self.chunk: ChunkInfo | None = None
         self.layers_scored = 0  # layers whose attention scored the slots in the chunk open now
         self.previous_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per layer, the last token's K/V
-
-    @property
-    def reads_cache(self) -> bool:
-        """Whether the method scores from the queries and the whole cache (:meth:`observe_cache`)."""
-        return self.scorer.wants_probabilities or self.scorer.rescores_slots
 
     @property
     def dropped(self) -> int:
@@ -130,7 +131,7 @@ class RequestStream:
     def end_chunk(self) -> SlotMoves | None:
         """Fix the chunk's scores; the eviction the policy's cadence calls for now, or ``None``."""
         chunk, self.chunk = self.chunk, None
-        if self.reads_cache and self.layers_scored != self.num_layers:
+        if reads_cache(self.scorer) and self.layers_scored != self.num_layers:
             # Were another attention function registered over the observed one, the scores would silently go stale.
             raise RuntimeError(
                 f"method {self.config.method!r} scores from the engine's attention calls, but {self.layers_scored} "
