@@ -21,6 +21,14 @@ if not HAS_GPU:
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Every test starts on one thread, whatever the one before set (``epikv-triton quality`` takes every core
+    by default)."""
+    torch.set_num_threads(1)
+    yield
+
+
 class _Records(logging.Handler):
     def __init__(self):
         super().__init__(logging.WARNING)

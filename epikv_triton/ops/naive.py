@@ -5,9 +5,10 @@ public wrappers' host-side ``check_positions``) and computes the same result
 in plain torch, so the layouts, dtypes and semantics documented there hold
 here too. The paged twins gather the pages into the dense layout
 (:mod:`.pages`) and run the dense twins: paged and dense are one op. Twins
-favour clarity over speed, but never build anything larger than the
-attention matrix of one call (or, paged, the dense copy of the pages named).
-Inputs are validated by the public ops.
+favour clarity over speed, but the attention twins build the score matrix one
+block of queries at a time (:data:`SCORE_BLOCK` elements at most), so a long
+prefill on the CPU path never holds a whole ``[B, Hq, T, S]`` matrix (nor the
+dense copy of more pages than named). Inputs are validated by the public ops.
 """
 
 from __future__ import annotations
@@ -43,11 +44,16 @@ def slot_attention(
     del num_splits
     B, Hq, T, D = q.shape
     query_slots = resolve_query_slots(query_slots, q, k)
-    scores = _grouped_scores(q, k, slots_in_use(pos, slot_count), query_slots, scale, window)
-    lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - lse.masked_fill(torch.isinf(lse), 0.0)[..., None])
-    out = torch.matmul(probs, v.float()).reshape(B, Hq, T, D).to(q.dtype)
-    lse = lse.reshape(B, Hq, T)
+    pos, values = slots_in_use(pos, slot_count), v.float()
+    out, lse = [], []
+    for rows in query_blocks(q.shape, k.shape[2]):
+        scores = _grouped_scores(q[:, :, rows], k, pos, query_slots[:, rows], scale, window)
+        block_lse = torch.logsumexp(scores, dim=-1)
+        probs = torch.exp(scores - block_lse.masked_fill(torch.isinf(block_lse), 0.0)[..., None])
+        # Explicit sizes, not -1: a reshape cannot infer a dim of an empty batch.
+        out.append(torch.matmul(probs, values).reshape(B, Hq, rows.stop - rows.start, D))
+        lse.append(block_lse.reshape(B, Hq, rows.stop - rows.start))
+    out, lse = torch.cat(out, dim=2).to(q.dtype), torch.cat(lse, dim=2)
     dk = dv = None
     if with_deltas:
         dk = _delta_norms(k, query_slots, prev_k)
@@ -70,11 +76,14 @@ def attention_column_sums(
     over visible pairs, from the materialised ``[B, Hq, T, S]`` probabilities (the eager H2O baseline)."""
     B, Hq, T, _ = q.shape
     Hkv = k.shape[1]
-    scores = _grouped_scores(q, k, slots_in_use(pos, slot_count), resolve_query_slots(query_slots, q, k), scale, window)
-    normaliser = lse.float().reshape(B, Hkv, Hq // Hkv * T, 1)
-    # A query that saw nothing (lse = -inf) has every score at -inf too: give it a finite normaliser.
-    probs = torch.exp(scores - normaliser.masked_fill(torch.isinf(normaliser), 0.0))
-    return probs.sum(dim=2)
+    query_slots, pos = resolve_query_slots(query_slots, q, k), slots_in_use(pos, slot_count)
+    sums = torch.zeros(B, Hkv, k.shape[2], dtype=torch.float32, device=q.device)
+    for rows in query_blocks(q.shape, k.shape[2]):
+        scores = _grouped_scores(q[:, :, rows], k, pos, query_slots[:, rows], scale, window)
+        normaliser = lse[:, :, rows].float().reshape(B, Hkv, Hq // Hkv * (rows.stop - rows.start), 1)
+        # A query that saw nothing (lse = -inf) has every score at -inf too: give it a finite normaliser.
+        sums += torch.exp(scores - normaliser.masked_fill(torch.isinf(normaliser), 0.0)).sum(dim=2)
+    return sums
 
 
 def rolling_zscore(
@@ -202,6 +211,20 @@ def paged_compact_slots_(
     pages.scatter_slots_(kv_pages.permute(1, 2, 0, 3, 4), index, planes)
     pages.scatter_slots_(pos_pages, index, pos)
     pages.scatter_slots_(scores_pages, index, scores)
+
+
+#: Score elements per block of queries in the attention twins: 8 MB of float32. Small enough that the
+#: allocator reuses the same block at every layer instead of faulting in fresh pages for a whole matrix
+#: (which, for a 1,024-token prefill, took half the CPU time in the kernel), big enough to keep matmuls large.
+SCORE_BLOCK = 1 << 21
+
+
+def query_blocks(query_shape: torch.Size, slots: int) -> list[slice]:
+    """Slices of the ``T`` queries of ``query_shape [B, Hq, T, D]`` whose scores over ``slots`` key slots fit
+    :data:`SCORE_BLOCK` elements (one query at least; one empty slice when ``T == 0``)."""
+    B, Hq, T, _ = query_shape
+    rows = max(1, SCORE_BLOCK // max(1, B * Hq * slots))
+    return [slice(start, min(start + rows, T)) for start in range(0, max(T, 1), rows)]
 
 
 def _grouped_scores(

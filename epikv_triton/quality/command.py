@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,6 +30,11 @@ def budget_fraction(text: str) -> float:
     return value
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity, where the platform tells)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..cli import method_name, non_negative_int, positive_int
 
@@ -48,7 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "a few minutes on a CPU",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated cases and texts (default 0)")
-    parser.add_argument("--chunk", type=positive_int, default=32, help="tokens per forward reading a prompt or text")
+    parser.add_argument(
+        "--chunk", type=positive_int, default=32,
+        help="tokens per forward reading a prompt or text (default 32; retrieval also reads each prompt whole)",
+    )
     parser.add_argument("--batch-size", type=positive_int, default=16, help="sequences per forward (default 16)")
     parser.add_argument(
         "--value-reserve", type=non_negative_int, default=0, metavar="N",
@@ -58,7 +67,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2", help="'smollm2' (default), a local model folder, or a hub id")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: float32 on CPU")
-    parser.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument(
+        "--threads", type=positive_int, default=usable_cores(),
+        help=f"torch CPU threads (default: every core this process may use, here {usable_cores()})",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write every case, score and interval as JSON")
     parser.add_argument(
         "--from", dest="saved", metavar="PATH",
@@ -92,7 +104,7 @@ def measure(args) -> dict:
         "dtype": str(session.dtype).removeprefix("torch."),
         "settings": {"tasks": tasks, "methods": methods, "fractions": list(fractions), "quick": args.quick,
                      "seed": args.seed, "chunk": args.chunk, "batch_size": args.batch_size,
-                     "value_reserve": args.value_reserve},
+                     "value_reserve": args.value_reserve, "threads": args.threads},
         "seconds": time.perf_counter() - start,
     }
     summaries = [(result, summarize(result, seed=args.seed)) for result in results]

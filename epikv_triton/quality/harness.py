@@ -56,7 +56,7 @@ class Scores:
     policy: Policy
     budgets: list[int]  # the token budget of each case
     values: dict[str, list[float | None]] = field(default_factory=dict)
-    outputs: list[str | None] | None = None  # the text each case generated, where a task generates
+    outputs: list[str | dict | None] | None = None  # the text each case generated (by way, if several)
 
 
 @dataclass
@@ -169,13 +169,16 @@ class Runner:
             mask[row, width - len(prompt) :] = 1
         return ids.to(self.device), mask.to(self.device)
 
-    def generate(self, prompts: Sequence[Sequence[int]], new_tokens: int) -> list[list[int]]:
-        """Greedy continuations of ``prompts`` (one batch), each cut after its first stop token."""
+    def generate(
+        self, prompts: Sequence[Sequence[int]], new_tokens: int, prefill_chunk: int | None = None
+    ) -> list[list[int]]:
+        """Greedy continuations of ``prompts`` (one batch), each cut after its first stop token; the prompts read
+        ``prefill_chunk`` tokens at a time (default ``chunk``)."""
         input_ids, attention_mask = self.left_padded(prompts)
         with torch.inference_mode():
             output = self.model.generate(
                 input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=new_tokens, do_sample=False,
-                prefill_chunk_size=self.chunk, pad_token_id=self.pad_id,
+                prefill_chunk_size=prefill_chunk or self.chunk, pad_token_id=self.pad_id,
             )
         stops = self.stop_ids()
         continuations = []

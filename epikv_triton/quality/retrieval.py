@@ -1,8 +1,15 @@
 """Retrieval: a key stated once inside a long haystack, asked for at the end.
 
-The prompt is plain text (no chat template), read ``chunk`` tokens at a time through the bounded cache, so
-a long prompt is compressed while it is read. A case is recalled when the greedy answer contains the key.
-Every prompt of a given length has exactly that many tokens, so cases batch without padding.
+The prompt is plain text (no chat template) and is read through the bounded cache two ways, each its own
+metric:
+
+- ``whole``: in one forward, compressed once at its end, so the question is among the queries a scorer
+  reads (SnapKV's setting for long prompts; the cache briefly holds the whole prompt);
+- ``streamed``: ``chunk`` tokens at a time, compressed as it is read (peak memory bounded by the budget
+  plus a chunk), so whether the key survives is decided before the question arrives.
+
+A case is recalled when the greedy answer contains the key. Every prompt of a given length has exactly that
+many tokens, so cases batch without padding.
 """
 
 from __future__ import annotations
@@ -15,7 +22,17 @@ from dataclasses import asdict, dataclass
 from . import corpora
 from .harness import Metric, Policy, Runner, Scores, TaskResult, batches, progress, token_budget
 
-METRICS = (Metric("recall", True, "fraction of cases whose greedy answer contains the key"),)
+#: How the prompt is read, and the metric of each way.
+READS = {
+    "whole": Metric(
+        "whole_recall", True,
+        "fraction of cases whose greedy answer contains the key; prompt read in one forward, compressed at its end",
+    ),
+    "streamed": Metric(
+        "streamed_recall", True,
+        "fraction of cases whose greedy answer contains the key; prompt read and compressed a chunk at a time",
+    ),
+}
 
 _LABELS = {"number": "number", "word": "word", "identifier": "identifier"}
 
@@ -27,6 +44,12 @@ class Settings:
     depths: tuple[float, ...] = (0.25, 0.75)  # where the needle sits, as a fraction of the haystack
     lengths: tuple[int, ...] = (512, 1024)  # prompt tokens
     answer_tokens: int = 12
+    reads: tuple[str, ...] = tuple(READS)
+
+    def __post_init__(self):
+        unknown = [read for read in self.reads if read not in READS]
+        if unknown or not self.reads:
+            raise ValueError(f"reads must name some of {', '.join(READS)}, got {self.reads}")
 
     @classmethod
     def quick(cls) -> Settings:
@@ -108,18 +131,24 @@ def run(runner: Runner, plan: list[Policy], settings: Settings, seed: int) -> Ta
     for index, case in enumerate(cases):
         by_length.setdefault(len(case.input_ids), []).append(index)
     groups = [(length, part) for length, indices in by_length.items() for part in batches(indices, runner.batch_size)]
+    metrics = tuple(READS[read] for read in settings.reads)
     scores = []
-    with progress(len(plan) * len(groups), "retrieval", runner.show_progress) as bar:
+    with progress(len(plan) * len(groups) * len(metrics), "retrieval", runner.show_progress) as bar:
         for policy in plan:
             bar.set_postfix_str(policy.label)
-            recall, budgets, answers = [None] * len(cases), [0] * len(cases), [""] * len(cases)
-            for length, indices in groups:
-                budget = token_budget(policy.fraction, length)
-                with runner.patched(policy, budget):
-                    generated = runner.generate([cases[i].input_ids for i in indices], settings.answer_tokens)
-                for i, tokens in zip(indices, generated):
-                    answers[i], budgets[i] = runner.decode(tokens), budget
-                    recall[i] = float(recalled(answers[i], cases[i].key))
-                bar.update()
-            scores.append(Scores(policy, budgets, {"recall": recall}, answers))
-    return TaskResult("retrieval", METRICS, [case.describe() for case in cases], scores)
+            recall = {metric.name: [None] * len(cases) for metric in metrics}
+            budgets, answers = [0] * len(cases), [{} for _ in cases]
+            for read in settings.reads:
+                for length, indices in groups:
+                    budget = token_budget(policy.fraction, length)
+                    with runner.patched(policy, budget):
+                        generated = runner.generate(
+                            [cases[i].input_ids for i in indices], settings.answer_tokens,
+                            prefill_chunk=length if read == "whole" else runner.chunk,
+                        )
+                    for i, tokens in zip(indices, generated):
+                        answers[i][read], budgets[i] = runner.decode(tokens), budget
+                        recall[READS[read].name][i] = float(recalled(answers[i][read], cases[i].key))
+                    bar.update()
+            scores.append(Scores(policy, budgets, recall, answers))
+    return TaskResult("retrieval", metrics, [case.describe() for case in cases], scores)

@@ -118,9 +118,15 @@ SHUFFLED_POS = [[7, 5, 8, -1, 3, 10, 1, 0, 2, 6, 9], [-1, 2, -1, -1, -1, 1, -1, 
 SHUFFLED_QUERY_SLOTS = [[7, 2, 10, 0, 5], [9, 5, 1, 3, 8]]
 
 
+# Score blocks of the twin: the whole matrix at once, one query at a time, and two at a time (5 = 2 + 2 + 1).
+SCORE_BLOCKS = {"one-block": naive.SCORE_BLOCK, "1-query-blocks": 1, "2-query-blocks": 2 * 2 * 4 * 11}
+
+
+@pytest.mark.parametrize("score_block", SCORE_BLOCKS.values(), ids=SCORE_BLOCKS)
 @pytest.mark.parametrize("shuffled", [False, True], ids=["last-slots", "shuffled-slots"])
-def test_twin_matches_a_per_query_loop(shuffled):
+def test_twin_matches_a_per_query_loop(shuffled, score_block, monkeypatch):
     """naive.slot_attention against softmax written one query and one key at a time."""
+    monkeypatch.setattr(naive, "SCORE_BLOCK", score_block)
     torch.manual_seed(0)
     B, Hq, Hkv, T, S, D, window = 2, 4, 2, 5, 11, 6, 4
     q = torch.randn(B, Hq, T, D)

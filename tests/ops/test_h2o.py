@@ -104,9 +104,12 @@ def check_against_twin(run, q, k, pos, lse=None, **kwargs):
 # --------------------------------------------------------------------------- #
 
 
+@pytest.mark.parametrize("score_block", [naive.SCORE_BLOCK, 1, 2 * 2 * 4 * 15], ids=["one-block", "1-query", "2-query"])
 @pytest.mark.parametrize("empty_slots", [None, 4], ids=["last-slots", "shuffled-slots"])
-def test_twin_matches_a_per_pair_loop(empty_slots):
-    """naive.attention_column_sums against probabilities written one (query, key) pair at a time."""
+def test_twin_matches_a_per_pair_loop(empty_slots, score_block, monkeypatch):
+    """naive.attention_column_sums against probabilities written one (query, key) pair at a time, its score
+    matrix built whole or a block of queries at a time."""
+    monkeypatch.setattr(naive, "SCORE_BLOCK", score_block)
     torch.manual_seed(0)
     B, Hq, Hkv, T, S, D = 2, 4, 2, 5, 11, 6
     q = torch.randn(B, Hq, T, D)

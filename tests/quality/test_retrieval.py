@@ -1,10 +1,12 @@
 """Haystacks, needles and recall."""
 
 import random
+from contextlib import contextmanager
 
 import pytest
 
 from epikv_triton.quality import corpora, retrieval
+from epikv_triton.quality.harness import Runner, policies, token_budget
 
 
 @pytest.mark.parametrize(
@@ -66,3 +68,48 @@ def test_keys(kind):
     assert key == corpora.make_key(kind, random.Random(0))
     assert {"number": key.isdigit() and len(key) == 5, "word": key in corpora.WORDS,
             "identifier": key.count("_") == 2 and key[-2:].isdigit()}[kind]
+
+
+class ReadsRecorder(Runner):
+    """A runner without a model: answers with a case's key only when its prompt is read in one forward, and
+    records each call's budget and prefill chunk."""
+
+    def __init__(self, tokenizer, cases):
+        super().__init__(model=None, tokenizer=tokenizer, chunk=16, batch_size=4, show_progress=False)
+        self.keys = {case.input_ids: case.key for case in cases}
+        self.calls = []
+
+    @contextmanager
+    def patched(self, policy, budget):
+        self.budget = budget
+        yield
+
+    def generate(self, prompts, new_tokens, prefill_chunk=None):
+        self.calls.append((self.budget, len(prompts), len(prompts[0]), prefill_chunk))
+        whole = prefill_chunk == len(prompts[0])
+        return [self.tokenizer(f" {self.keys[tuple(prompt)] if whole else 'lost'}.")["input_ids"] for prompt in prompts]
+
+
+def test_each_read_is_its_own_metric_over_the_same_cases(char_tokenizer):
+    # Keys the character tokenizer spells back (it has no underscore for identifiers).
+    settings = retrieval.Settings(key_kinds=("number", "word"), depths=(0.5,), lengths=(300, 400))
+    runner = ReadsRecorder(char_tokenizer, retrieval.build_cases(char_tokenizer, settings, seed=0))
+    plan = policies(["tova"], [0.25])
+    result = retrieval.run(runner, plan, settings, seed=0)
+    assert [m.name for m in result.metrics] == ["whole_recall", "streamed_recall"]
+    for scores in result.scores:
+        assert scores.values == {"whole_recall": [1.0] * 6, "streamed_recall": [0.0] * 6}
+        assert [set(answer) for answer in scores.outputs] == [{"whole", "streamed"}] * 6
+        assert scores.budgets == [token_budget(scores.policy.fraction, n) for n in (300, 400) * 3]
+    # Per policy: both reads of each length group (3 cases each, one batch): whole prompt, then 16-token chunks.
+    per_policy = [(300, 3, 300, 300), (400, 3, 400, 400), (300, 3, 300, 16), (400, 3, 400, 16)]
+    expected = [(token_budget(p.fraction, n), b, n, chunk) for p in plan for _, b, n, chunk in per_policy]
+    assert runner.calls == expected
+
+
+def test_reads_are_checked():
+    with pytest.raises(ValueError, match="reads must name some of whole, streamed"):
+        retrieval.Settings(reads=("whole", "sideways"))
+    with pytest.raises(ValueError, match="reads must name"):
+        retrieval.Settings(reads=())
+    assert retrieval.Settings(reads=("streamed",)).reads == ("streamed",)

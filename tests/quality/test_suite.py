@@ -82,7 +82,8 @@ def test_command_line_quick_run(model_folder, tmp_path, capsys):
                        "--task", "retrieval", "--budget", "30%", "--json", str(path)])
     assert status == 0
     printed = capsys.readouterr().out
-    assert "retrieval: recall" in printed and "text: nll_gap" in printed and "text: agreement" in printed
+    assert "retrieval: whole_recall" in printed and "retrieval: streamed_recall" in printed
+    assert "text: nll_gap" in printed and "text: agreement" in printed
     written = json.loads(path.read_text())
     assert written["settings"]["fractions"] == [0.3] and written["settings"]["quick"] is True
     assert [task["task"] for task in written["tasks"]] == ["text", "retrieval"]
