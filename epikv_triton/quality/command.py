@@ -14,8 +14,8 @@ from .harness import Runner
 from .report import as_json, check_plotting, plot, summarize, tables, task_result
 from .suite import TASKS, run_suite
 
-#: One budget by default keeps the whole comparison of every registered method within 20 minutes of one CPU
-#: thread for SmolLM2; name more with ``--budget`` to draw a curve.
+#: One budget by default keeps the whole comparison of every registered method within 20 minutes of a 2-core
+#: CPU for SmolLM2 (13.6 min measured); name more with ``--budget`` to draw a curve.
 DEFAULT_FRACTIONS = (0.25,)
 
 
