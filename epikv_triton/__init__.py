@@ -20,6 +20,7 @@ _LAZY = {
     "unpatch": ("epikv_triton.integrations.patching", "unpatch"),
     "new_cache": ("epikv_triton.integrations.patching", "new_cache"),
     "cache_keyword": ("epikv_triton.integrations.keywords", "cache_keyword"),
+    "batch_stats": ("epikv_triton.integrations.continuous_batching", "batch_stats"),
 }
 
 
@@ -36,5 +37,6 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "Calibration", "EpiKVConfig", "__version__", "cache_keyword", "calibrate", "new_cache", "ops", "patch", "unpatch"
+    "Calibration", "EpiKVConfig", "__version__", "batch_stats", "cache_keyword", "calibrate", "new_cache", "ops",
+    "patch", "unpatch",
 ]

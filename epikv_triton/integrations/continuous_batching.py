@@ -59,7 +59,7 @@ from ..scoring import make_scorer
 from ..store.policy import check_prompt_fits
 from . import engine, internals
 from .request_streams import RequestStream, reads_cache
-from .state import PatchState
+from .state import PatchState, state_of
 
 #: Methods the engine serves exactly: those whose scores are fixed when a token arrives, from the residual stream,
 #: the positions, or the new tokens' keys and values (:data:`KEY_METHODS`), and those that rescore the cache from
@@ -76,7 +76,7 @@ REMEMBERED_REQUESTS = 1024
 
 @dataclass
 class EngineStats:
-    """What eviction did in one engine run (tests and curious callers read it)."""
+    """What eviction did in one engine run (:func:`batch_stats`)."""
 
     eviction_passes: int = 0
     tokens_evicted: int = 0
@@ -289,6 +289,18 @@ def _check_prompts(state: PatchState, model: torch.nn.Module, arguments: dict) -
     lengths = [len(prompt) for prompt in prompts if new_tokens is None or len(prompt) + new_tokens > config.budget]
     if lengths:
         check_prompt_fits(config, lengths)
+
+
+def batch_stats(model: torch.nn.Module) -> EngineStats:
+    """What eviction did in the latest continuous-batching engine of a patched ``model`` (the latest
+    ``generate_batch``, or the manager ``init_continuous_batching`` returned, while it serves): eviction passes,
+    tokens evicted, pages held, and the positions each of the latest finished requests kept."""
+    state = state_of(model)
+    if state is None:
+        raise ValueError("this model is not patched: call epikv_triton.patch(model, ...) before generate_batch")
+    if state.engine_session is None:
+        raise RuntimeError("this patched model has run no continuous-batching engine yet: call model.generate_batch")
+    return state.engine_session.stats
 
 
 def init_continuous_batching(

@@ -107,7 +107,8 @@ def test_long_request_stays_bounded():
     model.generate_batch(
         inputs=[requests()[0]], generation_config=generation_config(80), continuous_batching_config=engine_config()
     )
-    stats = state_of(model).engine_session.stats
+    stats = epikv_triton.batch_stats(model)
+    assert stats is state_of(model).engine_session.stats
     assert stats.tokens_evicted == PROMPT_LENGTHS[0] + 80 - 1 - BUDGET  # the last token is never written
     assert stats.peak_pages == -(-(BUDGET + 1) // PAGE)
     assert len(stats.kept_positions["req_0"]) == BUDGET
@@ -211,3 +212,12 @@ def test_persistent_manager_serves_again_and_requests_end_at_eos():
     finally:
         model.destroy_cached_continuous_batching_manager()
     assert state_of(model).engine_session.stats.eviction_passes > 0
+
+
+def test_batch_stats_needs_a_patched_model_that_ran_an_engine():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="not patched"):
+        epikv_triton.batch_stats(model)
+    epikv_triton.patch(model, budget=BUDGET, recent=RECENT, method="epikv")
+    with pytest.raises(RuntimeError, match="no continuous-batching engine yet"):
+        epikv_triton.batch_stats(model)
