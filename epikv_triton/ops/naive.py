@@ -44,10 +44,10 @@ def slot_attention(
     del num_splits
     B, Hq, T, D = q.shape
     query_slots = resolve_query_slots(query_slots, q, k)
-    pos, values = slots_in_use(pos, slot_count), v.float()
+    pos, keys, values = slots_in_use(pos, slot_count), k.float(), v.float()  # converted once, not per block
     out, lse = [], []
     for rows in query_blocks(q.shape, k.shape[2]):
-        scores = _grouped_scores(q[:, :, rows], k, pos, query_slots[:, rows], scale, window)
+        scores = _grouped_scores(q[:, :, rows], keys, pos, query_slots[:, rows], scale, window)
         block_lse = torch.logsumexp(scores, dim=-1)
         probs = torch.exp(scores - block_lse.masked_fill(torch.isinf(block_lse), 0.0)[..., None])
         # Explicit sizes, not -1: a reshape cannot infer a dim of an empty batch.
@@ -73,13 +73,13 @@ def attention_column_sums(
     slot_count: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Twin of :func:`epikv_triton.ops.attention_column_sums`: ``Σ_{t, g} exp(scale · q[g, t] · k[j] − lse[g, t])``
-    over visible pairs, from the materialised ``[B, Hq, T, S]`` probabilities (the eager H2O baseline)."""
+    over visible pairs, from the probabilities materialised a block of queries at a time (the eager H2O baseline)."""
     B, Hq, T, _ = q.shape
     Hkv = k.shape[1]
-    query_slots, pos = resolve_query_slots(query_slots, q, k), slots_in_use(pos, slot_count)
+    query_slots, pos, keys = resolve_query_slots(query_slots, q, k), slots_in_use(pos, slot_count), k.float()
     sums = torch.zeros(B, Hkv, k.shape[2], dtype=torch.float32, device=q.device)
     for rows in query_blocks(q.shape, k.shape[2]):
-        scores = _grouped_scores(q[:, :, rows], k, pos, query_slots[:, rows], scale, window)
+        scores = _grouped_scores(q[:, :, rows], keys, pos, query_slots[:, rows], scale, window)
         normaliser = lse[:, :, rows].float().reshape(B, Hkv, Hq // Hkv * (rows.stop - rows.start), 1)
         # A query that saw nothing (lse = -inf) has every score at -inf too: give it a finite normaliser.
         sums += torch.exp(scores - normaliser.masked_fill(torch.isinf(normaliser), 0.0)).sum(dim=2)
@@ -215,7 +215,7 @@ def paged_compact_slots_(
 
 #: Score elements per block of queries in the attention twins: 8 MB of float32. Small enough that the
 #: allocator reuses the same block at every layer instead of faulting in fresh pages for a whole matrix
-#: (which, for a 1,024-token prefill, took half the CPU time in the kernel), big enough to keep matmuls large.
+#: (which cost as much as the arithmetic of a long prefill), big enough to keep matmuls large.
 SCORE_BLOCK = 1 << 21
 
 
